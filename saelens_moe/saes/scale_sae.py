@@ -1,0 +1,617 @@
+"""Scale SAE: a Mixture-of-Experts SAE with Multiple Expert Activation and Feature Scaling.
+
+"Beyond Redundancy: Diverse and Specialized Multi-Expert Sparse Autoencoder",
+arXiv 2511.05745. A router picks `n_active_experts` of `n_experts` experts per
+token, a global Top-K keeps `k` latents among those experts' latents, and during
+training each expert's encoder is re-weighted around its mean direction.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from sae_lens.saes.sae import (
+    SAE,
+    SAEConfig,
+    TrainCoefficientConfig,
+    TrainingSAE,
+    TrainingSAEConfig,
+    TrainStepInput,
+    TrainStepOutput,
+)
+from sae_lens.saes.topk_sae import _fold_norm_topk, act_times_W_dec
+from sae_lens.util import str_to_dtype
+from torch import nn
+from transformer_lens.hook_points import HookPoint
+from typing_extensions import override
+
+from saelens_moe.saes.experts import (
+    EXPERT_WEIGHTINGS,
+    ExpertEncoding,
+    ExpertWeighting,
+    FeatureScaling,
+    candidate_latents,
+    dead_latent_code,
+    decode_sparse,
+    feature_scaling_anchors,
+    fold_feature_scaling,
+    init_router,
+    keep_top_k,
+    load_balancing_loss,
+    route,
+    scatter_to_dense,
+    selected_expert_pre,
+    to_sparse_coo,
+)
+
+PAPER_URL = "https://arxiv.org/abs/2511.05745"
+
+
+@dataclass
+class ScaleSAEConfig(SAEConfig):
+    """Configuration of an inference Scale SAE (arXiv 2511.05745).
+
+    Args:
+        k (int): Latents kept per token, chosen globally over the selected experts'
+            latents.
+        n_experts (int): Number of experts N; expert i owns latents
+            [i * d_sae / N, (i + 1) * d_sae / N).
+        n_active_experts (int): Experts the router selects per token ("Multiple
+            Expert Activation", e in the paper).
+        expert_weighting (str): How a selected expert's activations are weighted:
+            "softmax_of_probs" (softmax over the selected router probabilities, the
+            authors' default), "renormalized" (probabilities divided by their sum),
+            "probs" (the raw probability, the Switch SAE rule) or "uniform" (1).
+        rescale_acts_by_decoder_norm (bool): Multiply pre-activations by the decoder
+            row norms and divide them out when decoding, as SAELens TopK does.
+        d_in (int): Input width. Inherited from SAEConfig.
+        d_sae (int): Total dictionary width over all experts. Inherited from SAEConfig.
+        dtype (str): Parameter dtype. Inherited from SAEConfig.
+        device (str): Parameter device. Inherited from SAEConfig.
+        apply_b_dec_to_input (bool): Subtract b_dec from the input before routing and
+            encoding. Inherited from SAEConfig.
+        normalize_activations (str): Input normalisation. Inherited from SAEConfig.
+        reshape_activations (str): "none" or "hook_z". Inherited from SAEConfig.
+        metadata (SAEMetadata): Model, hook and training metadata. Inherited from
+            SAEConfig.
+    """
+
+    k: int = 100
+    n_experts: int = 8
+    n_active_experts: int = 2
+    expert_weighting: ExpertWeighting = "softmax_of_probs"
+    rescale_acts_by_decoder_norm: bool = False
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return "scale"
+
+    @override
+    def __post_init__(self) -> None:
+        validate_expert_fields(self)
+        super().__post_init__()
+
+
+class ScaleSAE(SAE[ScaleSAEConfig]):
+    """Inference Scale SAE: router, selected experts' encoders, global Top-K, decoder."""
+
+    b_enc: nn.Parameter
+    W_router: nn.Parameter
+    b_router: nn.Parameter
+
+    @override
+    def initialize_weights(self) -> None:
+        super().initialize_weights()
+        _init_expert_weights(self)
+
+    @override
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return _encode_dense(self, x, scaling=None)[0]
+
+    @override
+    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        return _decode_dense(self, feature_acts)
+
+    @override
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _needs_dense_path(self):
+            return super().forward(x)
+        return _forward_sparse(self, x, scaling=None)
+
+    @override
+    @torch.no_grad()
+    def fold_W_dec_norm(self) -> None:
+        _require_decoder_norm_rescaling(self)
+        super().fold_W_dec_norm()
+
+    @override
+    @torch.no_grad()
+    def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
+        super().fold_activation_norm_scaling_factor(scaling_factor)
+        self.W_router.data *= scaling_factor
+
+    @override
+    @torch.no_grad()
+    def fold_activation_whitening(
+        self,
+        mean: torch.Tensor,
+        whitening_matrix: torch.Tensor,
+        unwhitening_matrix: torch.Tensor,
+    ) -> None:
+        _fold_whitening(self, mean, whitening_matrix, unwhitening_matrix)
+
+
+@dataclass
+class ScaleTrainingSAEConfig(TrainingSAEConfig):
+    """Configuration for training a Scale SAE (arXiv 2511.05745).
+
+    Args:
+        k (int): Latents kept per token, chosen globally over the selected experts'
+            latents.
+        n_experts (int): Number of experts N; expert i owns latents
+            [i * d_sae / N, (i + 1) * d_sae / N).
+        n_active_experts (int): Experts the router selects per token ("Multiple
+            Expert Activation", e in the paper).
+        expert_weighting (str): How a selected expert's activations are weighted:
+            "softmax_of_probs" (the authors' default), "renormalized", "probs" (the
+            Switch SAE rule) or "uniform".
+        feature_scaling (bool): Re-weight each expert's encoder rows around their mean
+            direction, W^_i = (1 + omega_i) W_i - omega_i a_i, with one learned omega
+            per expert (initialised to 0, i.e. no scaling).
+        learn_lowpass (bool): Learn the shared low-pass map T (initialised to the
+            identity) that turns an expert's mean direction mu_i into a_i = T mu_i;
+            otherwise a_i = mu_i. Only used with feature_scaling.
+        load_balancing_coefficient (float): alpha in the load-balancing loss
+            alpha * d_in * N * sum_i f_i P_i (the authors use 3).
+        load_balancing_warm_up_steps (int): Steps over which SAELens ramps the
+            load-balancing coefficient up from 0.
+        aux_loss_coefficient (float): Weight of SAELens's AuxK loss, in which the
+            computed dead latents reconstruct the residual. The authors do not use
+            it; SAELens TopK does (1.0).
+        rescale_acts_by_decoder_norm (bool): Treat decoder rows as unit directions:
+            pre-activations are multiplied by the row norms before ReLU, weighting
+            and Top-K, and divided out when decoding (SAELens TopK's convention).
+        decoder_init_norm (float | None): Initial decoder row norm. Inherited from
+            TrainingSAEConfig.
+        d_in (int): Input width. Inherited from SAEConfig.
+        d_sae (int): Total dictionary width over all experts. Inherited from SAEConfig.
+        dtype (str): Parameter dtype. Inherited from SAEConfig.
+        device (str): Parameter device. Inherited from SAEConfig.
+        apply_b_dec_to_input (bool): Subtract b_dec from the input before routing and
+            encoding. Inherited from SAEConfig.
+        normalize_activations (str): Input normalisation. Inherited from SAEConfig.
+        reshape_activations (str): "none" or "hook_z". Inherited from SAEConfig.
+        metadata (SAEMetadata): Model, hook and training metadata. Inherited from
+            SAEConfig.
+    """
+
+    k: int = 100
+    n_experts: int = 8
+    n_active_experts: int = 2
+    expert_weighting: ExpertWeighting = "softmax_of_probs"
+    feature_scaling: bool = True
+    learn_lowpass: bool = True
+    load_balancing_coefficient: float = 3.0
+    load_balancing_warm_up_steps: int = 0
+    aux_loss_coefficient: float = 1.0
+    rescale_acts_by_decoder_norm: bool = True
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return "scale"
+
+    @override
+    def __post_init__(self) -> None:
+        validate_expert_fields(self)
+        validate_training_fields(self)
+        super().__post_init__()
+
+
+class ScaleTrainingSAE(TrainingSAE[ScaleTrainingSAEConfig]):
+    """Trainable Scale SAE. Computes only the routed experts in forward and backward."""
+
+    b_enc: nn.Parameter
+    W_router: nn.Parameter
+    b_router: nn.Parameter
+    omega: nn.Parameter
+    W_lowpass: nn.Parameter
+
+    @override
+    def initialize_weights(self) -> None:
+        super().initialize_weights()
+        _init_expert_weights(self)
+        if self.cfg.feature_scaling:
+            self.omega = nn.Parameter(
+                torch.zeros(self.cfg.n_experts, dtype=self.dtype, device=self.device)
+            )
+            if self.cfg.learn_lowpass:
+                self.W_lowpass = nn.Parameter(
+                    torch.eye(self.cfg.d_in, dtype=self.dtype, device=self.device)
+                )
+
+    def feature_scaling_state(self) -> FeatureScaling | None:
+        """omega and the anchors a_i of the current weights, or None without scaling."""
+        if not self.cfg.feature_scaling:
+            return None
+        W_lowpass = self.W_lowpass if self.cfg.learn_lowpass else None
+        anchors = feature_scaling_anchors(self.W_enc, self.cfg.n_experts, W_lowpass)
+        return FeatureScaling(self.omega, anchors)
+
+    @override
+    def encode_with_hidden_pre(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _encode_dense(self, x, self.feature_scaling_state())
+
+    @override
+    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        return _decode_dense(self, feature_acts)
+
+    @override
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _needs_dense_path(self):
+            return super().forward(x)
+        return _forward_sparse(self, x, self.feature_scaling_state())
+
+    @override
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        sae_in = step_input.sae_in
+        decoder_norms = _decoder_norms(self)
+        encoding = _encode_flat(
+            self,
+            self.process_sae_in(sae_in),
+            self.feature_scaling_state(),
+            decoder_norms,
+        )
+        sae_out = _finish_decode(
+            self, decode_sparse(encoding.code, self.W_dec, decoder_norms)
+        )
+        mse_loss = self.mse_loss_fn(sae_out, sae_in).sum(dim=-1).mean()
+        losses = {
+            "mse_loss": mse_loss,
+            **self._aux_losses(step_input, encoding, sae_out),
+        }
+        code, d_sae = encoding.code, self.cfg.d_sae
+        latents = candidate_latents(
+            encoding.routing.experts, d_sae // self.cfg.n_experts
+        )
+        return TrainStepOutput(
+            sae_in=sae_in,
+            sae_out=sae_out,
+            feature_acts=to_sparse_coo(code.values.detach(), code.latents, d_sae),
+            hidden_pre=to_sparse_coo(encoding.candidate_pre.detach(), latents, d_sae),
+            loss=sum(losses.values(), torch.zeros((), device=sae_out.device)),
+            losses=losses,
+        )
+
+    @override
+    def calculate_aux_loss(
+        self,
+        step_input: TrainStepInput,
+        feature_acts: torch.Tensor,
+        hidden_pre: torch.Tensor,
+        sae_out: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        encoding = _encode_flat(
+            self,
+            self.process_sae_in(step_input.sae_in),
+            self.feature_scaling_state(),
+            _decoder_norms(self),
+        )
+        return self._aux_losses(step_input, encoding, sae_out)
+
+    def _aux_losses(
+        self,
+        step_input: TrainStepInput,
+        encoding: ExpertEncoding,
+        sae_out: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        balance = load_balancing_loss(encoding.routing, self.cfg.d_in)
+        return {
+            "load_balancing_loss": step_input.coefficients["load_balancing"] * balance,
+            "auxiliary_reconstruction_loss": self._dead_latent_loss(
+                step_input, encoding, sae_out
+            ),
+        }
+
+    def _dead_latent_loss(
+        self,
+        step_input: TrainStepInput,
+        encoding: ExpertEncoding,
+        sae_out: torch.Tensor,
+    ) -> torch.Tensor:
+        """SAELens's AuxK loss, drawing only on latents of the selected experts."""
+        dead = step_input.dead_neuron_mask
+        if self.cfg.aux_loss_coefficient == 0 or dead is None:
+            return sae_out.new_zeros(())
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return sae_out.new_zeros(())
+        k_aux = self.cfg.d_in // 2
+        scale = min(n_dead / k_aux, 1.0)
+        code = dead_latent_code(
+            encoding.candidate_pre, encoding.routing.experts, dead, min(k_aux, n_dead)
+        )
+        recons = decode_sparse(code, self.W_dec, _decoder_norms(self))
+        residual = (step_input.sae_in - sae_out).detach()
+        loss = (recons - residual).pow(2).sum(dim=-1).mean()
+        return self.cfg.aux_loss_coefficient * scale * loss
+
+    @override
+    def get_coefficients(self) -> dict[str, TrainCoefficientConfig | float]:
+        return {
+            "load_balancing": TrainCoefficientConfig(
+                value=self.cfg.load_balancing_coefficient,
+                warm_up_steps=self.cfg.load_balancing_warm_up_steps,
+            )
+        }
+
+    @torch.no_grad()
+    def fold_feature_scaling(self) -> None:
+        """Write W^_i into W_enc and set omega to 0; outputs are unchanged."""
+        scaling = self.feature_scaling_state()
+        if scaling is None:
+            return
+        self.W_enc.data.copy_(
+            fold_feature_scaling(self.W_enc, scaling, self.cfg.n_experts)
+        )
+        self.omega.data.zero_()
+
+    @override
+    @torch.no_grad()
+    def fold_W_dec_norm(self) -> None:
+        _require_decoder_norm_rescaling(self)
+        self.fold_feature_scaling()
+        super().fold_W_dec_norm()
+
+    @override
+    @torch.no_grad()
+    def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
+        self.fold_feature_scaling()
+        super().fold_activation_norm_scaling_factor(scaling_factor)
+        self.W_router.data *= scaling_factor
+
+    @override
+    @torch.no_grad()
+    def fold_activation_whitening(
+        self,
+        mean: torch.Tensor,
+        whitening_matrix: torch.Tensor,
+        unwhitening_matrix: torch.Tensor,
+    ) -> None:
+        self.fold_feature_scaling()
+        _fold_whitening(self, mean, whitening_matrix, unwhitening_matrix)
+
+    @override
+    def process_state_dict_for_saving_inference(
+        self, state_dict: dict[str, Any]
+    ) -> None:
+        super().process_state_dict_for_saving_inference(state_dict)
+        scaling = self.feature_scaling_state()
+        if scaling is not None:
+            with torch.no_grad():
+                state_dict["W_enc"] = fold_feature_scaling(
+                    self.W_enc, scaling, self.cfg.n_experts
+                )
+            state_dict.pop("omega")
+            state_dict.pop("W_lowpass", None)
+        if self.cfg.rescale_acts_by_decoder_norm:
+            _fold_norm_topk(
+                W_dec_norm=self.get_W_dec_norm(),
+                W_enc=state_dict["W_enc"],
+                b_enc=state_dict["b_enc"],
+                W_dec=state_dict["W_dec"],
+            )
+
+
+AnyScaleSAE = ScaleSAE | ScaleTrainingSAE
+AnyScaleConfig = ScaleSAEConfig | ScaleTrainingSAEConfig
+
+
+def _init_expert_weights(sae: AnyScaleSAE) -> None:
+    cfg = sae.cfg
+    sae.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=sae.dtype, device=sae.device))
+    sae.W_router, sae.b_router = init_router(
+        cfg.d_in, cfg.n_experts, sae.dtype, sae.device
+    )
+
+
+def _decoder_norms(sae: AnyScaleSAE) -> torch.Tensor | None:
+    if not sae.cfg.rescale_acts_by_decoder_norm:
+        return None
+    return sae.W_dec.norm(dim=-1)
+
+
+def _encode_flat(
+    sae: AnyScaleSAE,
+    sae_in: torch.Tensor,  # [..., d_in], already through process_sae_in
+    scaling: FeatureScaling | None,
+    decoder_norms: torch.Tensor | None,
+) -> ExpertEncoding:
+    """Route, encode the selected experts and keep the global Top-K. Outputs are 2-D."""
+    cfg = sae.cfg
+    flat_in = sae_in.reshape(-1, cfg.d_in)
+    routing = route(
+        flat_in, sae.W_router, sae.b_router, cfg.n_active_experts, cfg.expert_weighting
+    )
+    pre = selected_expert_pre(
+        flat_in, routing.experts, sae.W_enc, sae.b_enc, cfg.n_experts, scaling
+    )  # [tokens, e, m]
+    if decoder_norms is not None:
+        pre = pre * decoder_norms.view(cfg.n_experts, -1)[routing.experts]
+    if _has_hooks(sae.hook_sae_acts_pre):
+        pre = _through_dense_hook(
+            sae.hook_sae_acts_pre, pre, routing.experts, cfg.d_sae
+        )
+    candidates = pre.relu() * routing.weights[..., None]
+    code = keep_top_k(candidates.flatten(1), routing.experts, cfg.k)
+    return ExpertEncoding(routing, pre.flatten(1), code)
+
+
+def _through_dense_hook(
+    hook: HookPoint, pre: torch.Tensor, experts: torch.Tensor, d_sae: int
+) -> torch.Tensor:
+    """Show a hook the [tokens, d_sae] pre-activations and take back its edits."""
+    latents = candidate_latents(experts, pre.shape[-1])
+    hooked = hook(scatter_to_dense(pre.flatten(1), latents, d_sae))
+    return hooked.gather(1, latents).view_as(pre)
+
+
+def _encode_dense(
+    sae: AnyScaleSAE, x: torch.Tensor, scaling: FeatureScaling | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feature activations and hidden pre-activations in the global [..., d_sae] space."""
+    sae_in = sae.process_sae_in(x)
+    encoding = _encode_flat(sae, sae_in, scaling, _decoder_norms(sae))
+    d_sae, block_size = sae.cfg.d_sae, sae.cfg.d_sae // sae.cfg.n_experts
+    shape = (*sae_in.shape[:-1], d_sae)
+    latents = candidate_latents(encoding.routing.experts, block_size)
+    hidden_pre = scatter_to_dense(encoding.candidate_pre, latents, d_sae).view(shape)
+    code = encoding.code
+    feature_acts = scatter_to_dense(code.values, code.latents, d_sae).view(shape)
+    return sae.hook_sae_acts_post(feature_acts), hidden_pre
+
+
+def _decode_dense(sae: AnyScaleSAE, feature_acts: torch.Tensor) -> torch.Tensor:
+    decoded = act_times_W_dec(
+        feature_acts, sae.W_dec, sae.cfg.rescale_acts_by_decoder_norm
+    )
+    return _finish_decode(sae, decoded)
+
+
+def _finish_decode(sae: AnyScaleSAE, decoded: torch.Tensor) -> torch.Tensor:
+    """Add b_dec and apply SAELens's output hooks, normalisation and reshaping."""
+    sae_out = sae.hook_sae_recons(decoded + sae.b_dec)
+    sae_out = sae.run_time_activation_norm_fn_out(sae_out)
+    return sae.reshape_fn_out(sae_out, sae.d_head)
+
+
+def _forward_sparse(
+    sae: AnyScaleSAE, x: torch.Tensor, scaling: FeatureScaling | None
+) -> torch.Tensor:
+    """forward() without ever forming a [tokens, d_sae] tensor."""
+    sae_in = sae.process_sae_in(x)
+    decoder_norms = _decoder_norms(sae)
+    encoding = _encode_flat(sae, sae_in, scaling, decoder_norms)
+    decoded = decode_sparse(encoding.code, sae.W_dec, decoder_norms)
+    decoded = decoded.view(*sae_in.shape[:-1], sae.cfg.d_in)
+    return sae.hook_sae_output(_finish_decode(sae, decoded))
+
+
+def _has_hooks(hook: HookPoint) -> bool:
+    return bool(hook._forward_hooks) or bool(hook._backward_hooks)
+
+
+def _needs_dense_path(sae: AnyScaleSAE) -> bool:
+    """Hooks on the latents, or an error term, need SAELens's dense forward."""
+    return sae.use_error_term or _has_hooks(sae.hook_sae_acts_post)
+
+
+def _require_decoder_norm_rescaling(sae: AnyScaleSAE) -> None:
+    if not sae.cfg.rescale_acts_by_decoder_norm:
+        raise NotImplementedError(
+            "fold_W_dec_norm would change which latents win the Top-K unless "
+            "rescale_acts_by_decoder_norm=True; the SAE was left unchanged."
+        )
+
+
+@torch.no_grad()
+def _fold_whitening(
+    sae: AnyScaleSAE,
+    mean: torch.Tensor,
+    whitening_matrix: torch.Tensor,
+    unwhitening_matrix: torch.Tensor,
+) -> None:
+    """Fold z = (x - mean) M into encoder, decoder and router (Feature Scaling folded first)."""
+    if sae.cfg.rescale_acts_by_decoder_norm:
+        # unwhitening changes decoder row norms and so the Top-K; fold them out first
+        sae.fold_W_dec_norm()
+        sae.cfg.rescale_acts_by_decoder_norm = False
+    SAE.fold_activation_whitening(sae, mean, whitening_matrix, unwhitening_matrix)
+    dtype = torch.promote_types(sae.W_router.dtype, whitening_matrix.dtype)
+    matrix = whitening_matrix.to(sae.device, dtype)
+    sae.W_router.data.copy_(matrix @ sae.W_router.data.to(dtype))
+    if not sae.cfg.apply_b_dec_to_input:
+        sae.b_router.data.sub_(mean.to(sae.device, dtype) @ sae.W_router.data.to(dtype))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _require_int(cfg: object, name: str, low: int, high: int | None = None) -> int:
+    value = getattr(cfg, name)
+    upper = "" if high is None else f" and <= {high}"
+    if not _is_int(value) or value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be an integer >= {low}{upper}, got {value!r}")
+    return value
+
+
+def _require_bool(cfg: object, name: str) -> None:
+    value = getattr(cfg, name)
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def validate_expert_fields(cfg: AnyScaleConfig) -> None:
+    """Refuse an impossible expert layout, naming the field and its allowed values."""
+    _require_int(cfg, "d_in", 1)
+    d_sae = _require_int(cfg, "d_sae", 1)
+    n_experts = _require_int(cfg, "n_experts", 1, d_sae)
+    if d_sae % n_experts:
+        raise ValueError(
+            f"d_sae ({d_sae}) must be divisible by n_experts ({n_experts}): "
+            "every expert owns d_sae / n_experts latents"
+        )
+    n_active = _require_int(cfg, "n_active_experts", 1, n_experts)
+    _require_int(cfg, "k", 1, n_active * (d_sae // n_experts))
+    if cfg.expert_weighting not in EXPERT_WEIGHTINGS:
+        raise ValueError(
+            f"expert_weighting must be one of {EXPERT_WEIGHTINGS}, "
+            f"got {cfg.expert_weighting!r}"
+        )
+    _require_bool(cfg, "rescale_acts_by_decoder_norm")
+    _require_bool(cfg, "apply_b_dec_to_input")
+    _validate_placement(cfg)
+
+
+def _validate_placement(cfg: AnyScaleConfig) -> None:
+    try:
+        str_to_dtype(cfg.dtype)
+    except Exception as error:
+        raise ValueError(f"dtype must name a torch dtype, got {cfg.dtype!r}") from error
+    try:
+        torch.device(cfg.device)
+    except Exception as error:
+        raise ValueError(
+            f"device must name a torch device, got {cfg.device!r}"
+        ) from error
+
+
+def validate_training_fields(cfg: ScaleTrainingSAEConfig) -> None:
+    """Refuse negative or non-finite loss coefficients and the options AuxK cannot use."""
+    for name in ("load_balancing_coefficient", "aux_loss_coefficient"):
+        value = getattr(cfg, name)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value < 0
+        ):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    _require_int(cfg, "load_balancing_warm_up_steps", 0)
+    _require_bool(cfg, "feature_scaling")
+    _require_bool(cfg, "learn_lowpass")
+    if cfg.aux_loss_coefficient > 0 and cfg.normalize_activations in (
+        "constant_norm_rescale",
+        "layer_norm",
+    ):
+        raise ValueError(
+            f"normalize_activations={cfg.normalize_activations!r} cannot be used with "
+            "the AuxK loss (its residual would be in the wrong space): set "
+            "aux_loss_coefficient=0 or normalize_activations to one of 'none', "
+            "'expected_average_only_in', 'covariance_whitening'"
+        )
