@@ -28,12 +28,12 @@ class Routing(NamedTuple):
 
 
 class FeatureScaling(NamedTuple):
-    """Per-expert Feature Scaling state: W^_i = (1 + omega_i) W_i - omega_i a_i."""
+    """Per-expert Feature Scaling: W^_i = (1 + omega_i) W_i - omega_i a_i, a_i = T mu_i."""
 
     omega: torch.Tensor
     """Scaling strength per expert. [n_experts]"""
-    anchors: torch.Tensor
-    """a_i = T mu_i as columns: the direction each expert scales around. [d_in, n_experts]"""
+    W_lowpass: torch.Tensor | None
+    """The low-pass map T, or None for the identity. [d_in, d_in]"""
 
 
 class SparseCode(NamedTuple):
@@ -82,36 +82,27 @@ def weigh_experts(top_probs: torch.Tensor, expert_weighting: str) -> torch.Tenso
     )
 
 
-def feature_scaling_anchors(
-    W_enc: torch.Tensor,  # [d_in, d_sae]
-    n_experts: int,
-    W_lowpass: torch.Tensor | None,  # [d_in, d_in]
-) -> torch.Tensor:
-    """a_i = T mu_i for every expert, as columns of a [d_in, n_experts] matrix."""
-    d_in = W_enc.shape[0]
-    mean_directions = W_enc.view(d_in, n_experts, -1).mean(dim=-1)
-    if W_lowpass is None:
-        return mean_directions
-    return W_lowpass @ mean_directions
-
-
 def fold_feature_scaling(
     W_enc: torch.Tensor, scaling: FeatureScaling, n_experts: int
 ) -> torch.Tensor:
     """The effective encoder (1 + omega_i) W_i - omega_i a_i, materialised. [d_in, d_sae]"""
     d_in = W_enc.shape[0]
     blocks = W_enc.view(d_in, n_experts, -1)
+    anchors = blocks.mean(dim=-1)  # mu_i as columns
+    if scaling.W_lowpass is not None:
+        anchors = scaling.W_lowpass @ anchors
     omega = scaling.omega[None, :, None]
-    folded = (1 + omega) * blocks - omega * scaling.anchors[:, :, None]
+    folded = (1 + omega) * blocks - omega * anchors[:, :, None]
     return folded.reshape(d_in, -1)
 
 
-class _GroupedExpertMatmul(torch.autograd.Function):
+class _GroupedExpertEncoder(torch.autograd.Function):
     """x @ W_enc[:, block(e)] for each (token, selected expert e) pair.
 
     Pairs are grouped by expert so each expert's block is one dense matmul over
-    only its own tokens; backward mirrors that and writes each block of the
-    weight gradient once.
+    only its own tokens. With `with_block_means`, also returns the mean column of
+    every expert's block (Feature Scaling's mu_i), whose gradient backward adds to
+    each block while writing it: the weight gradient is written once.
     """
 
     @staticmethod
@@ -121,62 +112,93 @@ class _GroupedExpertMatmul(torch.autograd.Function):
         W_enc: torch.Tensor,  # [d_in, d_sae]
         experts: torch.Tensor,  # [tokens, e]
         n_experts: int,
-    ) -> torch.Tensor:
+        with_block_means: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.set_materialize_grads(False)
         n_active = experts.shape[1]
         block_size = W_enc.shape[1] // n_experts
         pair_order = experts.reshape(-1).argsort(stable=True)
         counts = torch.bincount(experts.reshape(-1), minlength=n_experts).tolist()
         grouped_in = sae_in.index_select(0, pair_order // n_active)  # [pairs, d_in]
         grouped_out = grouped_in.new_empty(grouped_in.shape[0], block_size)
-        start = 0
-        for expert, count in enumerate(counts):
-            if count:
-                block = W_enc[:, expert * block_size : (expert + 1) * block_size]
-                torch.mm(
-                    grouped_in[start : start + count],
-                    block,
-                    out=grouped_out[start : start + count],
-                )
-            start += count
+        for expert, rows in _expert_rows(counts):
+            block = W_enc[:, expert * block_size : (expert + 1) * block_size]
+            torch.mm(grouped_in[rows], block, out=grouped_out[rows])
         ctx.save_for_backward(grouped_in, W_enc, pair_order)
         ctx.counts = counts
         ctx.n_tokens = sae_in.shape[0]
-        pair_out = torch.empty_like(grouped_out)
-        pair_out.index_copy_(0, pair_order, grouped_out)
-        return pair_out.view(sae_in.shape[0], n_active * block_size)
+        pair_out = torch.empty_like(grouped_out).index_copy_(0, pair_order, grouped_out)
+        block_means = (
+            W_enc.view(W_enc.shape[0], n_experts, block_size).mean(dim=-1)
+            if with_block_means
+            else W_enc.new_empty(0)
+        )
+        return pair_out.view(sae_in.shape[0], n_active * block_size), block_means
 
     @staticmethod
     def backward(  # pyright: ignore[reportIncompatibleMethodOverride]
-        ctx: Any, grad_out: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+        ctx: Any, grad_out: torch.Tensor | None, grad_means: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
         grouped_in, W_enc, pair_order = ctx.saved_tensors
-        block_size = W_enc.shape[1] // len(ctx.counts)
+        n_experts = len(ctx.counts)
+        block_size = W_enc.shape[1] // n_experts
+        if grad_out is None:
+            grad_out = grouped_in.new_zeros(
+                ctx.n_tokens, pair_order.numel() // ctx.n_tokens * block_size
+            )
         grouped_grad = grad_out.reshape(-1, block_size).index_select(0, pair_order)
-        grad_in = grad_W = None
+        grad_W = None
         if ctx.needs_input_grad[1]:
             grad_W = torch.empty_like(W_enc)
-        grouped_grad_in = (
-            torch.empty_like(grouped_in) if ctx.needs_input_grad[0] else None
-        )
-        start = 0
-        for expert, count in enumerate(ctx.counts):
-            columns = slice(expert * block_size, (expert + 1) * block_size)
-            rows = slice(start, start + count)
-            if grad_W is not None:
-                if count:
-                    grad_W[:, columns] = grouped_in[rows].T @ grouped_grad[rows]
-                else:
-                    grad_W[:, columns] = 0
-            if grouped_grad_in is not None and count:
-                torch.mm(
-                    grouped_grad[rows], W_enc[:, columns].T, out=grouped_grad_in[rows]
-                )
-            start += count
-        if grouped_grad_in is not None:
-            n_active = grad_out.shape[1] // block_size
+            blocks = grad_W.view(-1, n_experts, block_size)
+            for expert, count in enumerate(ctx.counts):
+                if not count:
+                    blocks[:, expert].zero_()
+            for expert, rows in _expert_rows(ctx.counts):
+                block = grad_W[:, expert * block_size : (expert + 1) * block_size]
+                torch.mm(grouped_in[rows].T, grouped_grad[rows], out=block)
+            if grad_means is not None:
+                blocks.add_(grad_means[..., None] / block_size)
+        grad_in = None
+        if ctx.needs_input_grad[0]:
+            grouped_grad_in = torch.empty_like(grouped_in)
+            for expert, rows in _expert_rows(ctx.counts):
+                block = W_enc[:, expert * block_size : (expert + 1) * block_size]
+                torch.mm(grouped_grad[rows], block.T, out=grouped_grad_in[rows])
+            n_active = pair_order.numel() // ctx.n_tokens
             grad_in = grouped_grad_in.new_zeros(ctx.n_tokens, grouped_in.shape[1])
             grad_in.index_add_(0, pair_order // n_active, grouped_grad_in)
-        return grad_in, grad_W, None, None
+        return grad_in, grad_W, None, None, None
+
+
+def _expert_rows(counts: list[int]) -> list[tuple[int, slice]]:
+    """(expert, its rows in the grouped order) for every expert with tokens."""
+    rows, start = [], 0
+    for expert, count in enumerate(counts):
+        if count:
+            rows.append((expert, slice(start, start + count)))
+        start += count
+    return rows
+
+
+class _RowNorms(torch.autograd.Function):
+    """||W[j]|| for every row, with a backward that is one pass over W."""
+
+    @staticmethod
+    def forward(ctx: Any, W: torch.Tensor) -> torch.Tensor:
+        norms = W.norm(dim=-1)
+        ctx.save_for_backward(W, norms)
+        return norms
+
+    @staticmethod
+    def backward(ctx: Any, grad_norms: torch.Tensor) -> torch.Tensor:  # pyright: ignore[reportIncompatibleMethodOverride]
+        W, norms = ctx.saved_tensors
+        return W * (grad_norms / norms)[:, None]
+
+
+def row_norms(W: torch.Tensor) -> torch.Tensor:
+    """Euclidean norm of every row of W. [rows]"""
+    return _RowNorms.apply(W)
 
 
 def selected_expert_pre(
@@ -188,12 +210,19 @@ def selected_expert_pre(
     scaling: FeatureScaling | None,
 ) -> torch.Tensor:
     """Encoder pre-activations of the selected experts' latents only. [tokens, e, m]"""
-    raw = _GroupedExpertMatmul.apply(sae_in, W_enc, experts, n_experts)
+    raw, block_means = _GroupedExpertEncoder.apply(
+        sae_in, W_enc, experts, n_experts, scaling is not None
+    )
     pre = raw.view(*experts.shape, -1)
     if scaling is not None:
         # (1 + omega) (W_i x) - omega (a_i . x): Feature Scaling without materialising W^_i
+        anchors = (
+            block_means
+            if scaling.W_lowpass is None
+            else scaling.W_lowpass @ block_means
+        )
         omega = scaling.omega[experts]  # [tokens, e]
-        anchor_dot = (sae_in @ scaling.anchors).gather(1, experts)  # [tokens, e]
+        anchor_dot = (sae_in @ anchors).gather(1, experts)  # [tokens, e]
         pre = (1 + omega)[..., None] * pre - (omega * anchor_dot)[..., None]
     return pre + b_enc.view(n_experts, -1)[experts]
 

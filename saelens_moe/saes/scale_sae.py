@@ -26,6 +26,13 @@ from torch import nn
 from transformer_lens.hook_points import HookPoint
 from typing_extensions import override
 
+from saelens_moe.checks import (
+    check_state_dict,
+    raise_if_loss_not_finite,
+    validate_decoder_init_norm,
+    validate_shared_fields,
+)
+from saelens_moe.router_health import track_expert_usage
 from saelens_moe.saes.experts import (
     EXPERT_WEIGHTINGS,
     ExpertEncoding,
@@ -34,12 +41,12 @@ from saelens_moe.saes.experts import (
     candidate_latents,
     dead_latent_code,
     decode_sparse,
-    feature_scaling_anchors,
     fold_feature_scaling,
     init_router,
     keep_top_k,
     load_balancing_loss,
     route,
+    row_norms,
     scatter_to_dense,
     selected_expert_pre,
     to_sparse_coo,
@@ -142,6 +149,11 @@ class ScaleSAE(SAE[ScaleSAEConfig]):
     ) -> None:
         _fold_whitening(self, mean, whitening_matrix, unwhitening_matrix)
 
+    @override
+    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
+        super().process_state_dict_for_loading(state_dict)
+        check_state_dict(self.state_dict(), state_dict)
+
 
 @dataclass
 class ScaleTrainingSAEConfig(TrainingSAEConfig):
@@ -233,12 +245,11 @@ class ScaleTrainingSAE(TrainingSAE[ScaleTrainingSAEConfig]):
                 )
 
     def feature_scaling_state(self) -> FeatureScaling | None:
-        """omega and the anchors a_i of the current weights, or None without scaling."""
+        """omega and the low-pass map T, or None without Feature Scaling."""
         if not self.cfg.feature_scaling:
             return None
         W_lowpass = self.W_lowpass if self.cfg.learn_lowpass else None
-        anchors = feature_scaling_anchors(self.W_enc, self.cfg.n_experts, W_lowpass)
-        return FeatureScaling(self.omega, anchors)
+        return FeatureScaling(self.omega, W_lowpass)
 
     @override
     def encode_with_hidden_pre(
@@ -278,13 +289,19 @@ class ScaleTrainingSAE(TrainingSAE[ScaleTrainingSAEConfig]):
         latents = candidate_latents(
             encoding.routing.experts, d_sae // self.cfg.n_experts
         )
+        loss = sum(losses.values(), torch.zeros((), device=sae_out.device))
+        step = step_input.n_training_steps
+        raise_if_loss_not_finite(loss, losses, sae_in, step)
         return TrainStepOutput(
             sae_in=sae_in,
             sae_out=sae_out,
             feature_acts=to_sparse_coo(code.values.detach(), code.latents, d_sae),
             hidden_pre=to_sparse_coo(encoding.candidate_pre.detach(), latents, d_sae),
-            loss=sum(losses.values(), torch.zeros((), device=sae_out.device)),
+            loss=loss,
             losses=losses,
+            metrics=track_expert_usage(
+                self, encoding.routing.experts, self.cfg.n_experts, step
+            ),
         )
 
     @override
@@ -386,6 +403,11 @@ class ScaleTrainingSAE(TrainingSAE[ScaleTrainingSAEConfig]):
         _fold_whitening(self, mean, whitening_matrix, unwhitening_matrix)
 
     @override
+    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
+        super().process_state_dict_for_loading(state_dict)
+        check_state_dict(self.state_dict(), state_dict)
+
+    @override
     def process_state_dict_for_saving_inference(
         self, state_dict: dict[str, Any]
     ) -> None:
@@ -422,7 +444,7 @@ def _init_expert_weights(sae: AnyScaleSAE) -> None:
 def _decoder_norms(sae: AnyScaleSAE) -> torch.Tensor | None:
     if not sae.cfg.rescale_acts_by_decoder_norm:
         return None
-    return sae.W_dec.norm(dim=-1)
+    return row_norms(sae.W_dec)
 
 
 def _encode_flat(
@@ -576,6 +598,7 @@ def validate_expert_fields(cfg: AnyScaleConfig) -> None:
     _require_bool(cfg, "rescale_acts_by_decoder_norm")
     _require_bool(cfg, "apply_b_dec_to_input")
     _validate_placement(cfg)
+    validate_shared_fields(cfg)
 
 
 def _validate_placement(cfg: AnyScaleConfig) -> None:
@@ -605,6 +628,7 @@ def validate_training_fields(cfg: ScaleTrainingSAEConfig) -> None:
     _require_int(cfg, "load_balancing_warm_up_steps", 0)
     _require_bool(cfg, "feature_scaling")
     _require_bool(cfg, "learn_lowpass")
+    validate_decoder_init_norm(cfg.decoder_init_norm)
     if cfg.aux_loss_coefficient > 0 and cfg.normalize_activations in (
         "constant_norm_rescale",
         "layer_norm",
