@@ -52,6 +52,8 @@ class ExpertEncoding(NamedTuple):
     candidate_pre: torch.Tensor
     """Pre-activations of the selected experts' latents, slot-major. [tokens, e * m]"""
     code: SparseCode
+    decoder: "Decoder"
+    """The decoder (and its row norms) the encoding was made against."""
 
 
 def route(
@@ -181,24 +183,50 @@ def _expert_rows(counts: list[int]) -> list[tuple[int, slice]]:
     return rows
 
 
-class _RowNorms(torch.autograd.Function):
-    """||W[j]|| for every row, with a backward that is one pass over W."""
+class Decoder(NamedTuple):
+    """The decoder as one forward pass uses it."""
+
+    weight: torch.Tensor
+    """W_dec, to read the kept rows from. [d_sae, d_in]"""
+    norms: torch.Tensor | None
+    """||W_dec[j]|| when rows act as unit directions, else None. [d_sae]"""
+
+
+class _DecoderWithNorms(torch.autograd.Function):
+    """Row norms of W_dec plus an alias of W_dec to decode with.
+
+    Both uses send their gradient back here, so the norm term is added into the
+    decoding gradient in place: W_dec's gradient is written once, not summed
+    from two full-size tensors.
+    """
 
     @staticmethod
-    def forward(ctx: Any, W: torch.Tensor) -> torch.Tensor:
-        norms = W.norm(dim=-1)
-        ctx.save_for_backward(W, norms)
-        return norms
+    def forward(ctx: Any, W_dec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.set_materialize_grads(False)
+        norms = W_dec.norm(dim=-1)
+        ctx.save_for_backward(W_dec, norms)
+        return norms, W_dec.view_as(W_dec)
 
     @staticmethod
-    def backward(ctx: Any, grad_norms: torch.Tensor) -> torch.Tensor:  # pyright: ignore[reportIncompatibleMethodOverride]
-        W, norms = ctx.saved_tensors
-        return W * (grad_norms / norms)[:, None]
+    def backward(  # pyright: ignore[reportIncompatibleMethodOverride]
+        ctx: Any, grad_norms: torch.Tensor | None, grad_weight: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        W_dec, norms = ctx.saved_tensors
+        if grad_norms is None:
+            return grad_weight
+        norm_term = (grad_norms / norms)[:, None]  # d||w|| / dw = w / ||w||
+        if grad_weight is None:
+            return W_dec * norm_term
+        # grad_weight is the fresh tensor embedding_bag's backward made; reuse it
+        return grad_weight.addcmul_(W_dec, norm_term)
 
 
-def row_norms(W: torch.Tensor) -> torch.Tensor:
-    """Euclidean norm of every row of W. [rows]"""
-    return _RowNorms.apply(W)
+def decoder_for(W_dec: torch.Tensor, rescale_acts_by_decoder_norm: bool) -> Decoder:
+    """W_dec ready for one forward pass, with its row norms if rows act as unit directions."""
+    if not rescale_acts_by_decoder_norm:
+        return Decoder(W_dec, None)
+    norms, weight = _DecoderWithNorms.apply(W_dec)
+    return Decoder(weight, norms)
 
 
 def selected_expert_pre(
@@ -245,21 +273,21 @@ def keep_top_k(
     return SparseCode(values, slot_experts * block_size + positions % block_size)
 
 
-def decode_sparse(
-    code: SparseCode,
-    W_dec: torch.Tensor,  # [d_sae, d_in]
-    decoder_norms: torch.Tensor | None,  # [d_sae]
-) -> torch.Tensor:
+def decode_sparse(code: SparseCode, decoder: Decoder) -> torch.Tensor:
     """sum_j f_j W_dec[j] over the kept latents only (no bias). [tokens, d_in]
 
-    With `decoder_norms`, rows act as unit directions: f_j is divided by ||W_dec[j]||.
+    With decoder norms, rows act as unit directions: f_j is divided by ||W_dec[j]||.
     """
     weights = code.values
-    if decoder_norms is not None:
-        weights = weights / decoder_norms[code.latents]
-    with torch.autocast(device_type=W_dec.device.type, enabled=False):
+    if decoder.norms is not None:
+        weights = weights / decoder.norms[code.latents]
+    weight = decoder.weight
+    with torch.autocast(device_type=weight.device.type, enabled=False):
         return F.embedding_bag(
-            code.latents, W_dec, per_sample_weights=weights.to(W_dec.dtype), mode="sum"
+            code.latents,
+            weight,
+            per_sample_weights=weights.to(weight.dtype),
+            mode="sum",
         )
 
 
@@ -280,6 +308,33 @@ def to_sparse_coo(
     indices = torch.stack([rows, latents.flatten()])
     return torch.sparse_coo_tensor(
         indices, values.flatten(), (values.shape[0], d_sae), check_invariants=False
+    )
+
+
+def to_block_sparse(
+    candidate_pre: torch.Tensor,  # [tokens, e * m]
+    experts: torch.Tensor,  # [tokens, e]
+    d_sae: int,
+) -> torch.Tensor:
+    """Candidates in the global [tokens, d_sae] space as a block-sparse (BSR) tensor.
+
+    Each token holds e blocks of m latents, one per selected expert, so the blocks
+    are the candidates themselves; zeros stand for the unselected experts' latents.
+    """
+    n_tokens, n_active = experts.shape
+    block_size = candidate_pre.shape[1] // n_active
+    sorted_experts, slot_order = experts.sort(dim=1)
+    blocks = candidate_pre.view(n_tokens, n_active, block_size)
+    blocks = blocks.gather(1, slot_order[..., None].expand(-1, -1, block_size))
+    row_starts = torch.arange(
+        0, n_tokens * n_active + 1, n_active, device=experts.device
+    )
+    return torch.sparse_bsr_tensor(
+        row_starts,
+        sorted_experts.flatten(),
+        blocks.reshape(-1, 1, block_size),
+        size=(n_tokens, d_sae),
+        check_invariants=False,
     )
 
 

@@ -29,26 +29,29 @@ from typing_extensions import override
 from saelens_moe.checks import (
     check_state_dict,
     raise_if_loss_not_finite,
-    validate_decoder_init_norm,
     validate_shared_fields,
+    validate_training_extras,
 )
 from saelens_moe.router_health import track_expert_usage
 from saelens_moe.saes.experts import (
     EXPERT_WEIGHTINGS,
+    Decoder,
     ExpertEncoding,
     ExpertWeighting,
     FeatureScaling,
+    SparseCode,
     candidate_latents,
     dead_latent_code,
     decode_sparse,
+    decoder_for,
     fold_feature_scaling,
     init_router,
     keep_top_k,
     load_balancing_loss,
     route,
-    row_norms,
     scatter_to_dense,
     selected_expert_pre,
+    to_block_sparse,
     to_sparse_coo,
 )
 
@@ -115,7 +118,15 @@ class ScaleSAE(SAE[ScaleSAEConfig]):
 
     @override
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return _encode_dense(self, x, scaling=None)[0]
+        return _dense_feature_acts(self, *_encode_routed(self, x, scaling=None))
+
+    def encode_sparse(self, x: torch.Tensor) -> SparseCode:
+        """The k kept latents of each token as (values, latents), each [..., k].
+
+        The fast form of `encode`: nothing of size d_sae is built and no
+        `hook_sae_acts_post` hook runs. `scatter_to_dense` turns it into `encode`'s output.
+        """
+        return _sparse_code(self, x, scaling=None)
 
     @override
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
@@ -255,7 +266,20 @@ class ScaleTrainingSAE(TrainingSAE[ScaleTrainingSAEConfig]):
     def encode_with_hidden_pre(
         self, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return _encode_dense(self, x, self.feature_scaling_state())
+        encoding, leading = _encode_routed(self, x, self.feature_scaling_state())
+        return (
+            _dense_feature_acts(self, encoding, leading),
+            _dense_hidden_pre(self, encoding, leading),
+        )
+
+    @override
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        encoding, leading = _encode_routed(self, x, self.feature_scaling_state())
+        return _dense_feature_acts(self, encoding, leading)
+
+    def encode_sparse(self, x: torch.Tensor) -> SparseCode:
+        """The k kept latents of each token as (values, latents), each [..., k]."""
+        return _sparse_code(self, x, self.feature_scaling_state())
 
     @override
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
@@ -270,24 +294,18 @@ class ScaleTrainingSAE(TrainingSAE[ScaleTrainingSAEConfig]):
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         sae_in = step_input.sae_in
-        decoder_norms = _decoder_norms(self)
         encoding = _encode_flat(
-            self,
-            self.process_sae_in(sae_in),
-            self.feature_scaling_state(),
-            decoder_norms,
+            self, self.process_sae_in(sae_in), self.feature_scaling_state()
         )
-        sae_out = _finish_decode(
-            self, decode_sparse(encoding.code, self.W_dec, decoder_norms)
-        )
+        sae_out = _finish_decode(self, decode_sparse(encoding.code, encoding.decoder))
         mse_loss = self.mse_loss_fn(sae_out, sae_in).sum(dim=-1).mean()
         losses = {
             "mse_loss": mse_loss,
             **self._aux_losses(step_input, encoding, sae_out),
         }
         code, d_sae = encoding.code, self.cfg.d_sae
-        latents = candidate_latents(
-            encoding.routing.experts, d_sae // self.cfg.n_experts
+        hidden_pre = to_block_sparse(
+            encoding.candidate_pre.detach(), encoding.routing.experts, d_sae
         )
         loss = sum(losses.values(), torch.zeros((), device=sae_out.device))
         step = step_input.n_training_steps
@@ -296,7 +314,7 @@ class ScaleTrainingSAE(TrainingSAE[ScaleTrainingSAEConfig]):
             sae_in=sae_in,
             sae_out=sae_out,
             feature_acts=to_sparse_coo(code.values.detach(), code.latents, d_sae),
-            hidden_pre=to_sparse_coo(encoding.candidate_pre.detach(), latents, d_sae),
+            hidden_pre=hidden_pre,
             loss=loss,
             losses=losses,
             metrics=track_expert_usage(
@@ -313,10 +331,7 @@ class ScaleTrainingSAE(TrainingSAE[ScaleTrainingSAEConfig]):
         sae_out: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
         encoding = _encode_flat(
-            self,
-            self.process_sae_in(step_input.sae_in),
-            self.feature_scaling_state(),
-            _decoder_norms(self),
+            self, self.process_sae_in(step_input.sae_in), self.feature_scaling_state()
         )
         return self._aux_losses(step_input, encoding, sae_out)
 
@@ -352,7 +367,7 @@ class ScaleTrainingSAE(TrainingSAE[ScaleTrainingSAEConfig]):
         code = dead_latent_code(
             encoding.candidate_pre, encoding.routing.experts, dead, min(k_aux, n_dead)
         )
-        recons = decode_sparse(code, self.W_dec, _decoder_norms(self))
+        recons = decode_sparse(code, encoding.decoder)
         residual = (step_input.sae_in - sae_out).detach()
         loss = (recons - residual).pow(2).sum(dim=-1).mean()
         return self.cfg.aux_loss_coefficient * scale * loss
@@ -441,17 +456,14 @@ def _init_expert_weights(sae: AnyScaleSAE) -> None:
     )
 
 
-def _decoder_norms(sae: AnyScaleSAE) -> torch.Tensor | None:
-    if not sae.cfg.rescale_acts_by_decoder_norm:
-        return None
-    return row_norms(sae.W_dec)
+def _decoder(sae: AnyScaleSAE) -> Decoder:
+    return decoder_for(sae.W_dec, sae.cfg.rescale_acts_by_decoder_norm)
 
 
 def _encode_flat(
     sae: AnyScaleSAE,
     sae_in: torch.Tensor,  # [..., d_in], already through process_sae_in
     scaling: FeatureScaling | None,
-    decoder_norms: torch.Tensor | None,
 ) -> ExpertEncoding:
     """Route, encode the selected experts and keep the global Top-K. Outputs are 2-D."""
     cfg = sae.cfg
@@ -462,15 +474,16 @@ def _encode_flat(
     pre = selected_expert_pre(
         flat_in, routing.experts, sae.W_enc, sae.b_enc, cfg.n_experts, scaling
     )  # [tokens, e, m]
-    if decoder_norms is not None:
-        pre = pre * decoder_norms.view(cfg.n_experts, -1)[routing.experts]
+    decoder = _decoder(sae)
+    if decoder.norms is not None:
+        pre = pre * decoder.norms.view(cfg.n_experts, -1)[routing.experts]
     if _has_hooks(sae.hook_sae_acts_pre):
         pre = _through_dense_hook(
             sae.hook_sae_acts_pre, pre, routing.experts, cfg.d_sae
         )
     candidates = pre.relu() * routing.weights[..., None]
     code = keep_top_k(candidates.flatten(1), routing.experts, cfg.k)
-    return ExpertEncoding(routing, pre.flatten(1), code)
+    return ExpertEncoding(routing, pre.flatten(1), code, decoder)
 
 
 def _through_dense_hook(
@@ -482,19 +495,39 @@ def _through_dense_hook(
     return hooked.gather(1, latents).view_as(pre)
 
 
-def _encode_dense(
+def _encode_routed(
     sae: AnyScaleSAE, x: torch.Tensor, scaling: FeatureScaling | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Feature activations and hidden pre-activations in the global [..., d_sae] space."""
+) -> tuple[ExpertEncoding, torch.Size]:
+    """The routed encoding of x, and the leading shape to restore ([..., d_sae])."""
     sae_in = sae.process_sae_in(x)
-    encoding = _encode_flat(sae, sae_in, scaling, _decoder_norms(sae))
-    d_sae, block_size = sae.cfg.d_sae, sae.cfg.d_sae // sae.cfg.n_experts
-    shape = (*sae_in.shape[:-1], d_sae)
+    encoding = _encode_flat(sae, sae_in, scaling)
+    return encoding, sae_in.shape[:-1]
+
+
+def _sparse_code(
+    sae: AnyScaleSAE, x: torch.Tensor, scaling: FeatureScaling | None
+) -> SparseCode:
+    encoding, leading = _encode_routed(sae, x, scaling)
+    values, latents = encoding.code
+    return SparseCode(values.view(*leading, -1), latents.view(*leading, -1))
+
+
+def _dense_feature_acts(
+    sae: AnyScaleSAE, encoding: ExpertEncoding, leading: torch.Size
+) -> torch.Tensor:
+    values, latents = encoding.code
+    dense = scatter_to_dense(values, latents, sae.cfg.d_sae)
+    return sae.hook_sae_acts_post(dense.view(*leading, sae.cfg.d_sae))
+
+
+def _dense_hidden_pre(
+    sae: AnyScaleSAE, encoding: ExpertEncoding, leading: torch.Size
+) -> torch.Tensor:
+    """Pre-activations of computed latents; 0 for latents of unselected experts."""
+    block_size = sae.cfg.d_sae // sae.cfg.n_experts
     latents = candidate_latents(encoding.routing.experts, block_size)
-    hidden_pre = scatter_to_dense(encoding.candidate_pre, latents, d_sae).view(shape)
-    code = encoding.code
-    feature_acts = scatter_to_dense(code.values, code.latents, d_sae).view(shape)
-    return sae.hook_sae_acts_post(feature_acts), hidden_pre
+    dense = scatter_to_dense(encoding.candidate_pre, latents, sae.cfg.d_sae)
+    return dense.view(*leading, sae.cfg.d_sae)
 
 
 def _decode_dense(sae: AnyScaleSAE, feature_acts: torch.Tensor) -> torch.Tensor:
@@ -516,9 +549,8 @@ def _forward_sparse(
 ) -> torch.Tensor:
     """forward() without ever forming a [tokens, d_sae] tensor."""
     sae_in = sae.process_sae_in(x)
-    decoder_norms = _decoder_norms(sae)
-    encoding = _encode_flat(sae, sae_in, scaling, decoder_norms)
-    decoded = decode_sparse(encoding.code, sae.W_dec, decoder_norms)
+    encoding = _encode_flat(sae, sae_in, scaling)
+    decoded = decode_sparse(encoding.code, encoding.decoder)
     decoded = decoded.view(*sae_in.shape[:-1], sae.cfg.d_in)
     return sae.hook_sae_output(_finish_decode(sae, decoded))
 
@@ -628,7 +660,7 @@ def validate_training_fields(cfg: ScaleTrainingSAEConfig) -> None:
     _require_int(cfg, "load_balancing_warm_up_steps", 0)
     _require_bool(cfg, "feature_scaling")
     _require_bool(cfg, "learn_lowpass")
-    validate_decoder_init_norm(cfg.decoder_init_norm)
+    validate_training_extras(cfg)
     if cfg.aux_loss_coefficient > 0 and cfg.normalize_activations in (
         "constant_norm_rescale",
         "layer_norm",

@@ -1,0 +1,427 @@
+"""Speed and memory of Scale/Switch SAEs against SAELens TopK at the same width.
+
+Everything runs in one process with interleaved repetitions; tables report
+medians. Per SAE: inference encode tokens/s (SAELens's dense `encode`, and
+`encode_sparse` for the MoE SAEs), full training-step tokens/s through SAELens's
+`SAETrainer.step` (forward, backward, clipping, Adam, the trainer's bookkeeping),
+the transient memory of a training step (peak of what the step allocates beyond
+the parameters and optimizer state already held), and the encoder's achieved
+GFLOP/s on its useful FLOPs next to a plain fp32 matmul timed in the same run.
+A second table follows a Scale SAE's forward+backward (no optimizer) as the
+number of experts doubles with e*m fixed.
+
+    python benchmarks/throughput.py            # GPT-2 scale: d_in 768, d_sae 24576
+    python benchmarks/throughput.py --quick    # small sizes, a few seconds
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from sae_lens.config import SAETrainerConfig
+from sae_lens.saes.sae import SAE, TrainingSAE, TrainStepInput
+from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+from sae_lens.training.sae_trainer import SAETrainer
+from torch.profiler import ProfilerActivity, profile
+
+from saelens_moe import (
+    ScaleSAE,
+    ScaleTrainingSAE,
+    ScaleTrainingSAEConfig,
+    SwitchTrainingSAE,
+    SwitchTrainingSAEConfig,
+)
+
+GIB = 1024**3
+
+
+@dataclass
+class Sizes:
+    d_in: int
+    d_sae: int
+    batch: int
+    k: int
+    experts: list[tuple[int, int]]
+    """(n_experts, n_active_experts) pairs for Scale SAE; Switch runs at each N."""
+    scaling_d_sae: list[int]
+    scaling_block: int
+    """Latents per expert in the scaling curve (e*m fixed at 2 * this)."""
+
+
+FULL = Sizes(
+    768, 24576, 4096, 32, [(64, 2), (64, 8), (16, 2)], [12288, 24576, 49152, 98304], 384
+)
+QUICK = Sizes(64, 1024, 256, 8, [(16, 2), (4, 2)], [512, 1024, 2048], 64)
+
+
+@dataclass
+class Candidate:
+    name: str
+    n_experts: int | None = None
+    n_active_experts: int | None = None
+    encoder_flops_per_token: int = 0
+    encode_s: list[float] = field(default_factory=list)
+    encode_sparse_s: list[float] = field(default_factory=list)
+    step_s: list[float] = field(default_factory=list)
+    step_transient_gib: float | None = None
+    error: str | None = None
+
+
+def candidates_for(sizes: Sizes) -> list[Candidate]:
+    topk = [
+        Candidate(name) for name in ("topk", "topk-sparse", "topk-sparse-no-rescale")
+    ]
+    scale = [Candidate("scale", n, e) for n, e in sizes.experts]
+    switch_widths = sorted({n for n, _ in sizes.experts}, reverse=True)
+    switch = [Candidate("switch", n, 1) for n in switch_widths]
+    every = topk + scale + switch
+    for candidate in every:
+        candidate.encoder_flops_per_token = encoder_flops(sizes, candidate)
+    return every
+
+
+def encoder_flops(sizes: Sizes, candidate: Candidate) -> int:
+    """Useful encoder FLOPs per token (2 per multiply-add): router + selected experts."""
+    if candidate.n_experts is None or candidate.n_active_experts is None:
+        return 2 * sizes.d_in * sizes.d_sae
+    block = sizes.d_sae // candidate.n_experts
+    return 2 * sizes.d_in * (candidate.n_experts + candidate.n_active_experts * block)
+
+
+def build(candidate: Candidate, sizes: Sizes) -> TrainingSAE[Any]:
+    common: dict[str, Any] = {"d_in": sizes.d_in, "d_sae": sizes.d_sae, "k": sizes.k}
+    if candidate.name.startswith("topk"):
+        return TopKTrainingSAE(
+            TopKTrainingSAEConfig(
+                **common,
+                use_sparse_activations=candidate.name != "topk",
+                rescale_acts_by_decoder_norm=candidate.name != "topk-sparse-no-rescale",
+            )
+        )
+    if candidate.name == "switch":
+        return SwitchTrainingSAE(
+            SwitchTrainingSAEConfig(**common, n_experts=candidate.n_experts)
+        )
+    return ScaleTrainingSAE(
+        ScaleTrainingSAEConfig(
+            **common,
+            n_experts=candidate.n_experts,
+            n_active_experts=candidate.n_active_experts,
+        )
+    )
+
+
+def exported(sae: TrainingSAE[Any]) -> SAE[Any]:
+    """The inference SAE that SAELens would load from this training SAE's export."""
+    with tempfile.TemporaryDirectory() as folder:
+        sae.save_inference_model(folder)
+        return SAE.load_from_disk(folder)
+
+
+def trainer_for(sae: TrainingSAE[Any], batch: torch.Tensor) -> SAETrainer[Any, Any]:
+    def same_batch() -> Iterator[torch.Tensor]:
+        while True:
+            yield batch
+
+    cfg = SAETrainerConfig(
+        total_training_samples=10**12,
+        train_batch_size_samples=batch.shape[0],
+        lr_end=3e-5,
+    )
+    return SAETrainer(cfg=cfg, sae=sae, data_provider=same_batch())
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def transient_gib(fn: Callable[[], object]) -> float:
+    """Peak of what fn allocates net of what it frees, from the profiler's memory events."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (event for event in prof.events() if event.cpu_memory_usage != 0),
+        key=lambda event: event.time_range.start,
+    )
+    running = peak = 0
+    for event in events:
+        running += event.cpu_memory_usage
+        peak = max(peak, running)
+    return peak / GIB
+
+
+def run_once(
+    candidate: Candidate,
+    trainer: SAETrainer[Any, Any],
+    inference: SAE[Any],
+    x: torch.Tensor,
+) -> tuple[float, float | None, float]:
+    with torch.no_grad():
+        encode = timed(lambda: inference.encode(x))
+        sparse = (
+            timed(lambda: inference.encode_sparse(x))
+            if isinstance(inference, ScaleSAE)
+            else None
+        )
+    return encode, sparse, timed(lambda: trainer.step(x))
+
+
+def measure(
+    sizes: Sizes, reps: int, with_memory: bool
+) -> tuple[list[Candidate], list[float]]:
+    """Interleaved repetitions over every candidate; the first one is a warm-up."""
+    torch.manual_seed(0)
+    x = torch.randn(sizes.batch, sizes.d_in)
+    weight = torch.randn(sizes.d_in, sizes.d_sae)
+    candidates = candidates_for(sizes)
+    runs = []
+    for candidate in candidates:
+        sae = build(candidate, sizes)
+        runs.append((candidate, trainer_for(sae, x), exported(sae)))
+    matmul_s = []
+    for rep in range(reps + 1):
+        matmul = timed(lambda: x @ weight)
+        for candidate, trainer, inference in runs:
+            if candidate.error is not None:
+                continue
+            try:
+                encode, sparse, step = run_once(candidate, trainer, inference, x)
+            except RuntimeError as error:
+                candidate.error = str(error).splitlines()[0][:100]
+                continue
+            if rep:
+                candidate.encode_s.append(encode)
+                candidate.step_s.append(step)
+                if sparse is not None:
+                    candidate.encode_sparse_s.append(sparse)
+        if rep:
+            matmul_s.append(matmul)
+    if with_memory:
+        for candidate, trainer, _ in runs:
+            if candidate.error is None:
+                candidate.step_transient_gib = transient_gib(lambda: trainer.step(x))
+    return candidates, matmul_s
+
+
+def scaling_curve(sizes: Sizes, reps: int) -> list[dict[str, float]]:
+    """A Scale SAE's forward + backward (no optimizer step) as N doubles, e*m fixed."""
+    torch.manual_seed(0)
+    x = torch.randn(sizes.batch, sizes.d_in)
+    points: list[dict[str, float]] = []
+    for d_sae in sizes.scaling_d_sae:
+        n_experts = d_sae // sizes.scaling_block
+        sae = ScaleTrainingSAE(
+            ScaleTrainingSAEConfig(
+                d_in=sizes.d_in,
+                d_sae=d_sae,
+                k=sizes.k,
+                n_experts=n_experts,
+                n_active_experts=2,
+            )
+        )
+        step_input = TrainStepInput(
+            sae_in=x,
+            coefficients={"load_balancing": sae.cfg.load_balancing_coefficient},
+            dead_neuron_mask=torch.zeros(d_sae, dtype=torch.bool),
+            n_training_steps=0,
+            is_logging_step=False,
+        )
+
+        def forward_backward(
+            sae: ScaleTrainingSAE = sae, step_input: TrainStepInput = step_input
+        ) -> None:
+            sae.zero_grad(set_to_none=True)
+            sae.training_forward_pass(step_input).loss.backward()
+
+        times = [timed(forward_backward) for _ in range(reps + 1)][1:]
+        point = {
+            "d_sae": d_sae,
+            "n_experts": n_experts,
+            "forward_backward_s": statistics.median(times),
+        }
+        if points:
+            point["ratio_to_half_width"] = (
+                point["forward_backward_s"] / points[-1]["forward_backward_s"]
+            )
+        points.append(point)
+    return points
+
+
+def summarise(
+    sizes: Sizes, candidates: list[Candidate], matmul_s: list[float]
+) -> list[dict[str, Any]]:
+    matmul_gflops = (
+        2 * sizes.batch * sizes.d_in * sizes.d_sae / statistics.median(matmul_s) / 1e9
+    )
+    topk = next(c for c in candidates if c.name == "topk")
+    rows = []
+    for candidate in candidates:
+        row: dict[str, Any] = {
+            "sae": candidate.name,
+            "N": candidate.n_experts,
+            "e": candidate.n_active_experts,
+            "error": candidate.error,
+        }
+        if candidate.error is None:
+            encode = statistics.median(candidate.encode_s)
+            step = statistics.median(candidate.step_s)
+            fastest_encode = (
+                min([encode, *candidate.encode_sparse_s])
+                if candidate.encode_sparse_s
+                else encode
+            )
+            if candidate.encode_sparse_s:
+                fastest_encode = statistics.median(candidate.encode_sparse_s)
+            row |= {
+                "encode_tok_s": sizes.batch / encode,
+                "encode_sparse_tok_s": sizes.batch / fastest_encode
+                if candidate.encode_sparse_s
+                else None,
+                "step_tok_s": sizes.batch / step,
+                "step_speedup_vs_topk": statistics.median(topk.step_s) / step,
+                "encode_speedup_vs_topk": statistics.median(topk.encode_s) / encode,
+                "encode_sparse_speedup_vs_topk": statistics.median(topk.encode_s)
+                / fastest_encode
+                if candidate.encode_sparse_s
+                else None,
+                "step_transient_gib": candidate.step_transient_gib,
+                "encoder_gflop_s": candidate.encoder_flops_per_token
+                * sizes.batch
+                / fastest_encode
+                / 1e9,
+                "matmul_gflop_s": matmul_gflops,
+            }
+            row["encoder_fraction_of_matmul"] = row["encoder_gflop_s"] / matmul_gflops
+        rows.append(row)
+    return rows
+
+
+COLUMNS = [
+    ("sae", "SAE", "{}"),
+    ("N", "N", "{}"),
+    ("e", "e", "{}"),
+    ("step_tok_s", "train step tok/s", "{:,.0f}"),
+    ("step_speedup_vs_topk", "step vs TopK", "{:.1f}x"),
+    ("encode_tok_s", "encode tok/s", "{:,.0f}"),
+    ("encode_speedup_vs_topk", "encode vs TopK", "{:.1f}x"),
+    ("encode_sparse_tok_s", "encode_sparse tok/s", "{:,.0f}"),
+    ("encode_sparse_speedup_vs_topk", "encode_sparse vs TopK", "{:.1f}x"),
+    ("step_transient_gib", "step transient GiB", "{:.2f}"),
+    ("encoder_gflop_s", "encoder GFLOP/s", "{:.1f}"),
+    ("encoder_fraction_of_matmul", "of matmul rate", "{:.0%}"),
+]
+
+
+def markdown(rows: list[dict[str, Any]], curve: list[dict[str, float]]) -> str:
+    lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |"]
+    lines.append("|" + "---|" * len(COLUMNS))
+    for row in rows:
+        if row["error"] is not None:
+            cells = [
+                str(row["sae"]),
+                str(row["N"]),
+                str(row["e"]),
+                f"fails: {row['error']}",
+            ]
+            cells += [""] * (len(COLUMNS) - len(cells))
+        else:
+            cells = [
+                "-" if row[key] is None else fmt.format(row[key])
+                for key, _, fmt in COLUMNS
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| d_sae | N | forward+backward s | vs half width |",
+        "|---|---|---|---|",
+    ]
+    for point in curve:
+        ratio = point.get("ratio_to_half_width")
+        lines.append(
+            f"| {point['d_sae']:.0f} | {point['n_experts']:.0f} | {point['forward_backward_s']:.3f} | "
+            + ("-" if ratio is None else f"{ratio:.2f}x")
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def plot_curve(curve: list[dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    axis.plot(
+        [p["d_sae"] for p in curve],
+        [p["forward_backward_s"] * 1e3 for p in curve],
+        marker="o",
+    )
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("d_sae (N doubles, e*m fixed)")
+    axis.set_ylabel("forward + backward (ms)")
+    axis.set_title("Scale SAE cost as the dictionary grows")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def machine() -> dict[str, Any]:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "load_average_at_end": load,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes, for a smoke run"
+    )
+    parser.add_argument(
+        "--reps", type=int, default=3, help="timed repetitions per candidate"
+    )
+    parser.add_argument(
+        "--no-memory", action="store_true", help="skip the profiler memory pass"
+    )
+    parser.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    sizes = QUICK if args.quick else FULL
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()
+    candidates, matmul_s = measure(sizes, args.reps, with_memory=not args.no_memory)
+    curve = scaling_curve(sizes, args.reps)
+    rows = summarise(sizes, candidates, matmul_s)
+    table = markdown(rows, curve)
+    print(table)
+    stem = "throughput_quick" if args.quick else "throughput"
+    (args.output_dir / f"{stem}.md").write_text(table + "\n")
+    result = {
+        "sizes": asdict(sizes),
+        "machine": machine() | {"load_average_at_start": load_before},
+        "rows": rows,
+        "scaling_curve": curve,
+    }
+    (args.output_dir / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    plot_curve(curve, args.output_dir / f"{stem}_scaling.png")
+
+
+if __name__ == "__main__":
+    main()

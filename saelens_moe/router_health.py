@@ -1,0 +1,189 @@
+"""Detect router collapse and dead experts while a MoE SAE trains.
+
+Every step adds the routed experts of the batch to two per-expert counters on
+the device (no host sync). Every `window_steps` steps the counters are read once:
+an expert that was never selected in the window is dead, and an expert that was
+the first choice of more than `collapse_share(n_experts)` of the window's tokens
+has collapsed the router (halfway between a uniform 1 / N and all tokens). The
+first such window raises one `RouterCollapseWarning` with the numbers; every
+window's figures are offered as `TrainStepOutput.metrics` callables.
+"""
+
+import warnings
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+DEFAULT_WINDOW_STEPS = 1000
+MetricValue = torch.Tensor | float | int | Callable[[], torch.Tensor | float | int]
+"""A `TrainStepOutput.metrics` value; callables are only evaluated on logging steps."""
+METRIC_PREFIX = "moe/window_"
+
+
+class RouterCollapseWarning(UserWarning):
+    """One expert takes most tokens, or some experts are never chosen."""
+
+
+def collapse_share(n_experts: int) -> float:
+    """First-choice share above which one expert counts as having taken the router."""
+    return (1 + 1 / n_experts) / 2
+
+
+@dataclass(frozen=True)
+class ExpertUsage:
+    """Routing statistics over one window of training steps."""
+
+    last_step: int
+    """The trainer step that closed the window."""
+    n_tokens: int
+    """Tokens routed in the window."""
+    first_choice_share: tuple[float, ...]
+    """Per expert, the share of tokens whose most probable expert it was."""
+    never_selected: tuple[int, ...]
+    """Experts no token selected in the window."""
+
+    @property
+    def top_expert(self) -> int:
+        shares = self.first_choice_share
+        return max(range(len(shares)), key=shares.__getitem__)
+
+    @property
+    def top_share(self) -> float:
+        return self.first_choice_share[self.top_expert]
+
+    @property
+    def collapsed(self) -> bool:
+        n_experts = len(self.first_choice_share)
+        return n_experts > 1 and self.top_share > collapse_share(n_experts)
+
+    @property
+    def healthy(self) -> bool:
+        return not self.collapsed and not self.never_selected
+
+    def describe(self) -> str:
+        n_experts = len(self.first_choice_share)
+        window = f"in the {self.n_tokens} tokens routed up to step {self.last_step}"
+        problems: list[str] = []
+        if self.collapsed:
+            problems.append(
+                f"expert {self.top_expert} was the first choice of "
+                f"{self.top_share:.1%} of tokens (uniform: {1 / n_experts:.1%}, "
+                f"collapse above {collapse_share(n_experts):.1%})"
+            )
+        if self.never_selected:
+            problems.append(
+                f"{len(self.never_selected)} of {n_experts} experts were never "
+                f"selected: {list(self.never_selected)}"
+            )
+        return (
+            f"Router collapse {window}: "
+            + "; ".join(problems)
+            + ". A larger load_balancing_coefficient or a lower learning rate "
+            "usually helps. This warning is given once per SAE; see the "
+            f"'{METRIC_PREFIX}*' metrics for later windows."
+        )
+
+
+class ExpertUsageMonitor:
+    """Per-expert routing counters for one SAE, checked once per window."""
+
+    def __init__(self, n_experts: int, window_steps: int = DEFAULT_WINDOW_STEPS):
+        if window_steps < 1:
+            raise ValueError(f"window_steps must be >= 1, got {window_steps}")
+        self.n_experts = n_experts
+        self.window_steps = window_steps
+        self.last_usage: ExpertUsage | None = None
+        self.warned = False
+        self._counts: torch.Tensor | None = None  # [2, n_experts]: selected, first
+        self._n_tokens = 0
+
+    def record(self, experts: torch.Tensor, step: int) -> None:
+        """Count a batch's routed experts ([tokens, e], most probable first)."""
+        experts = experts.detach()
+        counts = self._counts_on(experts.device)
+        selected = experts.reshape(-1)
+        counts[0].index_add_(0, selected, torch.ones_like(selected))
+        counts[1].index_add_(0, experts[:, 0], torch.ones_like(experts[:, 0]))
+        self._n_tokens += experts.shape[0]
+        if (step + 1) % self.window_steps == 0:
+            self.close_window(step)
+
+    def close_window(self, step: int) -> ExpertUsage | None:
+        """Summarise the window, warn once if the router is unhealthy, start afresh."""
+        if self._counts is None or self._n_tokens == 0:
+            return None
+        usage = self._summarise(step)
+        self._counts.zero_()
+        self._n_tokens = 0
+        self.last_usage = usage
+        if not usage.healthy and not self.warned:
+            self.warned = True
+            warnings.warn(usage.describe(), RouterCollapseWarning, stacklevel=2)
+        return usage
+
+    def metrics(self) -> dict[str, MetricValue]:
+        """Zero-argument callables over the last closed window (else the open one)."""
+        return {
+            f"{METRIC_PREFIX}dead_experts": lambda: float(
+                len(self._current().never_selected)
+            ),
+            f"{METRIC_PREFIX}top_expert_share": lambda: self._current().top_share,
+        }
+
+    def _current(self) -> ExpertUsage:
+        if self.last_usage is not None:
+            return self.last_usage
+        return self._summarise(-1)
+
+    def _summarise(self, step: int) -> ExpertUsage:
+        counts = (
+            self._counts.tolist()
+            if self._counts is not None
+            else [[0] * self.n_experts] * 2
+        )
+        tokens = max(self._n_tokens, 1)
+        return ExpertUsage(
+            last_step=step,
+            n_tokens=self._n_tokens,
+            first_choice_share=tuple(count / tokens for count in counts[1]),
+            never_selected=tuple(i for i, count in enumerate(counts[0]) if count == 0),
+        )
+
+    def _counts_on(self, device: torch.device) -> torch.Tensor:
+        if self._counts is None:
+            self._counts = torch.zeros(
+                2, self.n_experts, dtype=torch.long, device=device
+            )
+        elif self._counts.device != device:
+            self._counts = self._counts.to(device)
+        return self._counts
+
+
+_MONITORS: "weakref.WeakKeyDictionary[nn.Module, ExpertUsageMonitor]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def expert_usage_monitor(
+    sae: nn.Module, n_experts: int, window_steps: int | None = None
+) -> ExpertUsageMonitor:
+    """The SAE's monitor, made on first use; kept outside the module's state."""
+    monitor = _MONITORS.get(sae)
+    if monitor is None or monitor.n_experts != n_experts:
+        monitor = ExpertUsageMonitor(n_experts, window_steps or DEFAULT_WINDOW_STEPS)
+        _MONITORS[sae] = monitor
+    elif window_steps is not None:
+        monitor.window_steps = window_steps
+    return monitor
+
+
+def track_expert_usage(
+    sae: nn.Module, experts: torch.Tensor, n_experts: int, step: int
+) -> dict[str, MetricValue]:
+    """Record one training step's routing and return its metrics callables."""
+    monitor = expert_usage_monitor(sae, n_experts)
+    monitor.record(experts, step)
+    return monitor.metrics()
