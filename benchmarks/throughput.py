@@ -23,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +163,6 @@ def transient_gib(fn: Callable[[], object]) -> float:
 
 
 def run_once(
-    candidate: Candidate,
     trainer: SAETrainer[Any, Any],
     inference: SAE[Any],
     x: torch.Tensor,
@@ -196,7 +196,7 @@ def measure(
             if candidate.error is not None:
                 continue
             try:
-                encode, sparse, step = run_once(candidate, trainer, inference, x)
+                encode, sparse, step = run_once(trainer, inference, x)
             except RuntimeError as error:
                 candidate.error = str(error).splitlines()[0][:100]
                 continue
@@ -210,7 +210,7 @@ def measure(
     if with_memory:
         for candidate, trainer, _ in runs:
             if candidate.error is None:
-                candidate.step_transient_gib = transient_gib(lambda: trainer.step(x))
+                candidate.step_transient_gib = transient_gib(partial(trainer.step, x))
     return candidates, matmul_s
 
 
