@@ -6,6 +6,7 @@ over those candidates, and decoding reads only the K kept decoder rows.
 See arXiv 2511.05745 (Scale SAE) and arXiv 2410.08201 (Switch SAE).
 """
 
+import warnings
 from typing import Any, Literal, NamedTuple, get_args
 
 import torch
@@ -329,13 +330,17 @@ def to_block_sparse(
     row_starts = torch.arange(
         0, n_tokens * n_active + 1, n_active, device=experts.device
     )
-    return torch.sparse_bsr_tensor(
-        row_starts,
-        sorted_experts.flatten(),
-        blocks.reshape(-1, 1, block_size),
-        size=(n_tokens, d_sae),
-        check_invariants=False,
-    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="Sparse BSR tensor support is in beta"
+        )
+        return torch.sparse_bsr_tensor(
+            row_starts,
+            sorted_experts.flatten(),
+            blocks.reshape(-1, 1, block_size),
+            size=(n_tokens, d_sae),
+            check_invariants=False,
+        )
 
 
 def load_balancing_loss(routing: Routing, d_in: int) -> torch.Tensor:

@@ -429,3 +429,15 @@ def test_loading_on_the_meta_device_then_assigning_weights(tmp_path: Path) -> No
     loaded = SAE.load_from_disk(tmp_path, dtype="float64")
     assert {p.device.type for p in loaded.parameters()} == {"cpu"}
     assert {p.dtype for p in loaded.parameters()} == {torch.float64}
+
+
+def test_encode_sparse_is_encode_without_the_zeros(tmp_path: Path) -> None:
+    sae = make_sae()
+    x = torch.randn(3, 4, D_IN)
+    sae.save_inference_model(tmp_path)
+    for model in (sae, SAE.load_from_disk(tmp_path, dtype="float64")):
+        assert isinstance(model, ScaleSAE | ScaleTrainingSAE)
+        values, latents = model.encode_sparse(x)
+        assert values.shape == latents.shape == (3, 4, sae.cfg.k)
+        dense = torch.zeros(3, 4, D_SAE).scatter(-1, latents, values)
+        torch.testing.assert_close(dense, model.encode(x))
