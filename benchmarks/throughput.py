@@ -388,6 +388,17 @@ def machine() -> dict[str, Any]:
     }
 
 
+def step_profile(sizes: Sizes, rows: int = 15) -> str:
+    """Where a warm Scale SAE training step (the first (N, e) pair) spends its time."""
+    torch.manual_seed(0)
+    x = torch.randn(sizes.batch, sizes.d_in)
+    trainer = trainer_for(build(Candidate("scale", *sizes.experts[0]), sizes), x)
+    trainer.step(x)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        trainer.step(x)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -410,8 +421,10 @@ def main() -> None:
     curve = scaling_curve(sizes, args.reps)
     rows = summarise(sizes, candidates, matmul_s)
     table = markdown(rows, curve)
-    print(table)
     stem = "throughput_quick" if args.quick else "throughput"
+    profile_table = step_profile(sizes)
+    table += f"\n\nProfile of one Scale SAE training step:\n\n```\n{profile_table}\n```"
+    print(table)
     (args.output_dir / f"{stem}.md").write_text(table + "\n")
     result = {
         "sizes": asdict(sizes),

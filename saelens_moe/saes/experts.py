@@ -145,11 +145,10 @@ class _GroupedExpertEncoder(torch.autograd.Function):
         grouped_in, W_enc, pair_order = ctx.saved_tensors
         n_experts = len(ctx.counts)
         block_size = W_enc.shape[1] // n_experts
-        if grad_out is None:
-            grad_out = grouped_in.new_zeros(
-                ctx.n_tokens, pair_order.numel() // ctx.n_tokens * block_size
-            )
-        grouped_grad = grad_out.reshape(-1, block_size).index_select(0, pair_order)
+        if grad_out is None:  # only the block means were used
+            grouped_grad = grouped_in.new_zeros(pair_order.numel(), block_size)
+        else:
+            grouped_grad = grad_out.reshape(-1, block_size).index_select(0, pair_order)
         grad_W = None
         if ctx.needs_input_grad[1]:
             grad_W = torch.empty_like(W_enc)
