@@ -1,0 +1,119 @@
+"""Train a Scale or Switch SAE from the command line, exactly as SAELens's runner does.
+
+    python -m saelens_moe.train --architecture scale --n_experts 64 ...
+    saelens-moe-train --architecture scale ... --push my-org/my-saes
+
+Every flag of `python -m sae_lens.llm_sae_training_runner` works (this module
+imports `saelens_moe`, which registers "scale" and "switch", then hands the
+arguments to SAELens's own parser). The flags below are added on top.
+"""
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
+from sae_lens.config import HfDataset
+from sae_lens.llm_sae_training_runner import _parse_cfg_args
+from transformer_lens import HookedRootModule
+
+from saelens_moe import __version__  # importing saelens_moe registers the architectures
+from saelens_moe.hub import push_to_hub
+
+HELP_FLAGS = ("-h", "--help")
+
+
+class PublishArgs(NamedTuple):
+    """The flags this command adds to SAELens's."""
+
+    push: str | None
+    """Hub repo id to upload the trained SAE to, or None."""
+    push_sae_id: str | None
+    """Folder of the SAE inside the repo; None means the hook name."""
+    push_private: bool
+    """Create the repo as private if it does not exist yet."""
+
+
+def _publish_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="saelens-moe-train",
+        add_help=False,
+        allow_abbrev=False,
+        description=f"saelens-moe {__version__}: flags added to SAELens's runner "
+        "flags (listed after these).",
+    )
+    parser.add_argument(
+        "--push",
+        metavar="REPO_ID",
+        help="after training, upload output_path to this Hugging Face repo with a "
+        "model card (token from HF_TOKEN or `hf auth login`)",
+    )
+    parser.add_argument(
+        "--push_sae_id",
+        metavar="SAE_ID",
+        help="folder of the SAE in the repo, the sae_id for SAE.from_pretrained "
+        "(default: the hook name)",
+    )
+    parser.add_argument(
+        "--push_private",
+        action="store_true",
+        help="create the repo as private if it does not exist",
+    )
+    return parser
+
+
+def split_args(argv: Sequence[str]) -> tuple[PublishArgs, list[str]]:
+    """Separate this command's flags from the ones for SAELens's parser."""
+    parser = _publish_parser()
+    if any(flag in argv for flag in HELP_FLAGS) or not argv:
+        parser.print_help()
+        print()
+    known, rest = parser.parse_known_args(list(argv))
+    return PublishArgs(known.push, known.push_sae_id, known.push_private), rest
+
+
+def parse_args(
+    argv: Sequence[str],
+) -> tuple[LanguageModelSAERunnerConfig[Any], PublishArgs]:
+    """The runner config (parsed by SAELens) and the publishing flags."""
+    publish, rest = split_args(argv)
+    cfg = _parse_cfg_args(rest)
+    if publish.push is not None and cfg.output_path is None:
+        raise ValueError("--push needs an --output_path to upload from")
+    return cfg, publish
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    override_model: HookedRootModule | None = None,
+    override_dataset: HfDataset | None = None,
+) -> Path | None:
+    """Parse, train with SAELens's runner, optionally push; returns the output folder.
+
+    `override_model` and `override_dataset` are passed to the runner, for runs
+    with a local model or dataset (as with `LanguageModelSAETrainingRunner`).
+    """
+    cfg, publish = parse_args(argv)
+    LanguageModelSAETrainingRunner(
+        cfg, override_dataset=override_dataset, override_model=override_model
+    ).run()
+    if cfg.output_path is None:
+        return None
+    output = Path(cfg.output_path)
+    if publish.push is not None:
+        sae_id = publish.push_sae_id or cfg.hook_name
+        url = push_to_hub({sae_id: output}, publish.push, private=publish.push_private)
+        print(f"Uploaded {output} to {url} as {sae_id!r}")
+    return output
+
+
+def main() -> None:
+    """Console entry point (`saelens-moe-train`)."""
+    run(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()
