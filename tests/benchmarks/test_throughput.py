@@ -6,10 +6,20 @@ import sys
 from pathlib import Path
 
 
-def test_throughput_benchmark_quick_run_writes_table_json_and_plot(tmp_path: Path) -> None:
+def test_throughput_benchmark_quick_run_writes_table_json_and_plot(
+    tmp_path: Path,
+) -> None:
     script = Path(__file__).parents[2] / "benchmarks" / "throughput.py"
     result = subprocess.run(
-        [sys.executable, str(script), "--quick", "--reps", "1", "--output-dir", str(tmp_path)],
+        [
+            sys.executable,
+            str(script),
+            "--quick",
+            "--reps",
+            "1",
+            "--output-dir",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -17,7 +27,12 @@ def test_throughput_benchmark_quick_run_writes_table_json_and_plot(tmp_path: Pat
     assert "| scale | 16 | 2 |" in result.stdout
     report = json.loads((tmp_path / "throughput_quick.json").read_text())
     rows = {(row["sae"], row["N"], row["e"]): row for row in report["rows"]}
-    for key in [("scale", 16, 2), ("scale", 4, 2), ("switch", 16, 1), ("topk", None, None)]:
+    for key in [
+        ("scale", 16, 2),
+        ("scale", 4, 2),
+        ("switch", 16, 1),
+        ("topk", None, None),
+    ]:
         assert rows[key]["error"] is None, key
         assert rows[key]["step_tok_s"] > 0
         assert rows[key]["step_transient_gib"] is not None
