@@ -54,7 +54,7 @@ def load_sae(args: argparse.Namespace) -> SAE[Any]:
 
 def load_model(args: argparse.Namespace, sae: SAE[Any]) -> HookedSAETransformer:
     if args.smoke:
-        from smoke import tiny_model_and_tokens
+        from saelens_moe.tiny import tiny_model_and_tokens
 
         tiny, _ = tiny_model_and_tokens(context_size=1, n_rows=1)
         model = HookedSAETransformer(tiny.cfg)

@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     setting = smoke_setting() if args.smoke else PAPER
     overrides: dict[str, Any] = {}
     if args.smoke:
-        from smoke import tiny_model_and_tokens
+        from saelens_moe.tiny import tiny_model_and_tokens
 
         model, tokens = tiny_model_and_tokens(setting.context_size)
         overrides = {"override_model": model, "override_dataset": tokens}

@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     patch: Any = nullcontext()
     overrides: dict[str, Any] = {}
     if args.smoke:
-        from smoke import tiny_model_and_tokens
+        from saelens_moe.tiny import tiny_model_and_tokens
 
         model, tokens = tiny_model_and_tokens(setting.context_size)
         patch = local_model_for_caching(model)

@@ -80,13 +80,13 @@ DECAY_FRACTION = 0.2
 
 def smoke_setting() -> Setting:
     """The paper's recipe shrunk to the tiny local model: 8 steps of 64 tokens."""
-    from smoke import SMOKE_HOOK, SMOKE_MODEL_NAME, smoke_d_in
+    from saelens_moe.tiny import TINY_D_MODEL, TINY_HOOK, TINY_MODEL_NAME
 
     return Setting(
-        model_name=SMOKE_MODEL_NAME,
-        hook_name=SMOKE_HOOK,
+        model_name=TINY_MODEL_NAME,
+        hook_name=TINY_HOOK,
         dataset_path="local-random-tokens",
-        d_in=smoke_d_in(),
+        d_in=TINY_D_MODEL,
         d_sae=256,
         n_experts=8,
         steps=8,
@@ -193,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     setting = smoke_setting() if args.smoke else PAPER
     overrides: dict[str, Any] = {}
     if args.smoke:
-        from smoke import tiny_model_and_tokens
+        from saelens_moe.tiny import tiny_model_and_tokens
 
         model, tokens = tiny_model_and_tokens(setting.context_size)
         overrides = {"override_model": model, "override_dataset": tokens}

@@ -6,45 +6,16 @@ from typing import Any, BinaryIO
 
 import httpx2
 import pytest
-import torch
-from datasets import Dataset
 from huggingface_hub import HfApi
 from huggingface_hub.errors import RepositoryNotFoundError
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-TINY_D_MODEL = 32
-TINY_VOCAB = 200
-
-
-def build_tiny_gpt2(seed: int = 0, n_layers: int = 2) -> HookedTransformer:
-    """A randomly initialised model with GPT-2's architecture at toy size."""
-    torch.manual_seed(seed)
-    cfg = HookedTransformerConfig(
-        n_layers=n_layers,
-        d_model=TINY_D_MODEL,
-        d_head=8,
-        n_heads=4,
-        d_mlp=4 * TINY_D_MODEL,
-        d_vocab=TINY_VOCAB,
-        n_ctx=64,
-        act_fn="gelu_new",
-        normalization_type="LN",
-        positional_embedding_type="standard",
-        tokenizer_name=None,
-        model_name="tiny-gpt2",
-        seed=seed,
-    )
-    return HookedTransformer(cfg)
-
-
-def build_token_dataset(
-    n_rows: int = 256, context_size: int = 16, seed: int = 0
-) -> Dataset:
-    """A pre-tokenized in-memory dataset with a `tokens` column."""
-    generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(1, TINY_VOCAB, (n_rows, context_size), generator=generator)
-    return Dataset.from_dict({"tokens": tokens.tolist()})
+from saelens_moe.tiny import (  # noqa: F401  (re-exported for the tests)
+    TINY_D_MODEL,
+    TINY_VOCAB,
+    build_tiny_gpt2,
+    build_token_dataset,
+)
 
 
 class FakeHub:
