@@ -32,6 +32,7 @@ from saelens_moe.checks import (
     validate_shared_fields,
     validate_training_extras,
 )
+from saelens_moe.metrics import training_step_metrics
 from saelens_moe.router_health import track_expert_usage
 from saelens_moe.saes.experts import (
     EXPERT_WEIGHTINGS,
@@ -317,9 +318,14 @@ class ScaleTrainingSAE(TrainingSAE[ScaleTrainingSAEConfig]):
             hidden_pre=hidden_pre,
             loss=loss,
             losses=losses,
-            metrics=track_expert_usage(
-                self, encoding.routing.experts, self.cfg.n_experts, step
-            ),
+            metrics={
+                **track_expert_usage(
+                    self, encoding.routing.experts, self.cfg.n_experts, step
+                ),
+                **training_step_metrics(
+                    encoding.routing, self.omega if self.cfg.feature_scaling else None
+                ),
+            },
         )
 
     @override
