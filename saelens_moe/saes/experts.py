@@ -104,8 +104,9 @@ class _GroupedExpertEncoder(torch.autograd.Function):
 
     Pairs are grouped by expert so each expert's block is one dense matmul over
     only its own tokens. With `with_block_means`, also returns the mean column of
-    every expert's block (Feature Scaling's mu_i), whose gradient backward adds to
-    each block while writing it: the weight gradient is written once.
+    every expert's block (Feature Scaling's mu_i), taken while the block is in
+    cache; backward adds its gradient to each block as it writes it, so the weight
+    gradient is written once.
     """
 
     @staticmethod
@@ -124,18 +125,19 @@ class _GroupedExpertEncoder(torch.autograd.Function):
         counts = torch.bincount(experts.reshape(-1), minlength=n_experts).tolist()
         grouped_in = sae_in.index_select(0, pair_order // n_active)  # [pairs, d_in]
         grouped_out = grouped_in.new_empty(grouped_in.shape[0], block_size)
+        block_means = W_enc.new_empty(
+            W_enc.shape[0], n_experts if with_block_means else 0
+        )
         for expert, rows in _expert_rows(counts):
             block = W_enc[:, expert * block_size : (expert + 1) * block_size]
-            torch.mm(grouped_in[rows], block, out=grouped_out[rows])
+            if rows.stop > rows.start:
+                torch.mm(grouped_in[rows], block, out=grouped_out[rows])
+            if with_block_means:  # while the block is in cache
+                torch.mean(block, dim=1, out=block_means[:, expert])
         ctx.save_for_backward(grouped_in, W_enc, pair_order)
         ctx.counts = counts
         ctx.n_tokens = sae_in.shape[0]
         pair_out = torch.empty_like(grouped_out).index_copy_(0, pair_order, grouped_out)
-        block_means = (
-            W_enc.view(W_enc.shape[0], n_experts, block_size).mean(dim=-1)
-            if with_block_means
-            else W_enc.new_empty(0)
-        )
         return pair_out.view(sae_in.shape[0], n_active * block_size), block_means
 
     @staticmethod
@@ -152,21 +154,21 @@ class _GroupedExpertEncoder(torch.autograd.Function):
         grad_W = None
         if ctx.needs_input_grad[1]:
             grad_W = torch.empty_like(W_enc)
-            blocks = grad_W.view(-1, n_experts, block_size)
-            for expert, count in enumerate(ctx.counts):
-                if not count:
-                    blocks[:, expert].zero_()
             for expert, rows in _expert_rows(ctx.counts):
                 block = grad_W[:, expert * block_size : (expert + 1) * block_size]
-                torch.mm(grouped_in[rows].T, grouped_grad[rows], out=block)
-            if grad_means is not None:
-                blocks.add_(grad_means[..., None] / block_size)
+                if rows.stop > rows.start:
+                    torch.mm(grouped_in[rows].T, grouped_grad[rows], out=block)
+                else:
+                    block.zero_()
+                if grad_means is not None:  # d mean / d column = 1 / m
+                    block.add_(grad_means[:, expert, None] / block_size)
         grad_in = None
         if ctx.needs_input_grad[0]:
             grouped_grad_in = torch.empty_like(grouped_in)
             for expert, rows in _expert_rows(ctx.counts):
                 block = W_enc[:, expert * block_size : (expert + 1) * block_size]
-                torch.mm(grouped_grad[rows], block.T, out=grouped_grad_in[rows])
+                if rows.stop > rows.start:
+                    torch.mm(grouped_grad[rows], block.T, out=grouped_grad_in[rows])
             n_active = pair_order.numel() // ctx.n_tokens
             grad_in = grouped_grad_in.new_zeros(ctx.n_tokens, grouped_in.shape[1])
             grad_in.index_add_(0, pair_order // n_active, grouped_grad_in)
@@ -174,11 +176,10 @@ class _GroupedExpertEncoder(torch.autograd.Function):
 
 
 def _expert_rows(counts: list[int]) -> list[tuple[int, slice]]:
-    """(expert, its rows in the grouped order) for every expert with tokens."""
+    """(expert, its rows in the grouped order) for every expert; empty for no tokens."""
     rows, start = [], 0
     for expert, count in enumerate(counts):
-        if count:
-            rows.append((expert, slice(start, start + count)))
+        rows.append((expert, slice(start, start + count)))
         start += count
     return rows
 
