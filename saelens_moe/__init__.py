@@ -5,6 +5,7 @@ SAELens, so `SAE.from_pretrained`, `SAE.load_from_disk` and SAELens's training
 runners accept them.
 """
 
+from saelens_moe.loading import load_sae
 from saelens_moe.registration import register_architecture
 from saelens_moe.saes import (
     ScaleSAE,
@@ -28,6 +29,7 @@ __all__ = [
     "SwitchSAEConfig",
     "SwitchTrainingSAE",
     "SwitchTrainingSAEConfig",
+    "load_sae",
 ]
 
 register_architecture(
