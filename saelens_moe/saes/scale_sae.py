@@ -377,8 +377,14 @@ class ScaleTrainingSAE(TrainingSAE[ScaleTrainingSAEConfig]):
             return sae_out.new_zeros(())
         k_aux = self.cfg.d_in // 2
         scale = min(n_dead / k_aux, 1.0)
+        # dead latents learn at the scale they would compete at: weighted, like the
+        # candidates of the main Top-K (the router's weights are not trained here)
+        routing = encoding.routing
+        weights = routing.weights.detach().repeat_interleave(
+            encoding.candidate_pre.shape[1] // routing.weights.shape[1], dim=1
+        )
         code = dead_latent_code(
-            encoding.candidate_pre, encoding.routing.experts, dead, min(k_aux, n_dead)
+            encoding.candidate_pre * weights, routing.experts, dead, min(k_aux, n_dead)
         )
         recons = decode_sparse(code, encoding.decoder)
         residual = (step_input.sae_in - sae_out).detach()

@@ -441,3 +441,39 @@ def test_encode_sparse_is_encode_without_the_zeros(tmp_path: Path) -> None:
         assert values.shape == latents.shape == (3, 4, sae.cfg.k)
         dense = torch.zeros(3, 4, D_SAE).scatter(-1, latents, values)
         torch.testing.assert_close(dense, model.encode(x))
+
+
+def test_auxk_trains_dead_latents_at_their_weighted_scale() -> None:
+    """AuxK reconstructs from w * pre, the value a latent competes with in the Top-K."""
+    sae = make_sae(expert_weighting="probs", k=2, aux_loss_coefficient=1.0)
+    x = torch.randn(16, D_IN)
+    dead = torch.ones(D_SAE, dtype=torch.bool)
+    loss = sae.training_forward_pass(step_input(x, dead)).losses[
+        "auxiliary_reconstruction_loss"
+    ]
+
+    reference = naive_forward(sae, x)
+    sae_in = x - sae.b_dec
+    probs = torch.softmax(sae_in @ sae.W_router + sae.b_router, dim=-1)
+    top_probs, selected = probs.topk(sae.cfg.n_active_experts, dim=-1)
+    m = D_SAE // N_EXPERTS
+    scaled = (sae_in @ _effective_encoder(sae).T + sae.b_enc) * sae.W_dec.norm(dim=-1)
+    weight_per_latent = torch.zeros_like(probs).scatter(1, selected, top_probs)
+    weighted = scaled * weight_per_latent.repeat_interleave(m, dim=1)
+    computed = weight_per_latent.repeat_interleave(m, dim=1) > 0
+    k_aux = D_IN // 2
+    values, latents = weighted.masked_fill(~computed, float("-inf")).topk(k_aux, dim=-1)
+    unit_rows = sae.W_dec / sae.W_dec.norm(dim=-1, keepdim=True)
+    recons = torch.einsum("tk,tkd->td", values, unit_rows[latents])
+    residual = x - reference.sae_out
+    expected = (recons - residual).pow(2).sum(-1).mean()
+    torch.testing.assert_close(loss, expected.detach())
+
+
+def _effective_encoder(sae: ScaleTrainingSAE) -> torch.Tensor:
+    """W^ as [d_sae, d_in] rows, Feature Scaling applied."""
+    from saelens_moe.saes.experts import fold_feature_scaling
+
+    scaling = sae.feature_scaling_state()
+    assert scaling is not None
+    return fold_feature_scaling(sae.W_enc, scaling, N_EXPERTS).T
