@@ -180,9 +180,7 @@ class ScaleTrainingSAEConfig(TrainingSAEConfig):
             Expert Activation", e in the paper).
         expert_weighting (str): How a selected expert's activations are weighted:
             "softmax_of_probs" (the authors' default), "renormalized", "probs" (the
-            Switch SAE rule) or "uniform". On the synthetic benchmark "renormalized"
-            was within noise of the default, "probs" clearly worse, and "uniform"
-            reconstructed best but with 3.5x more redundant latents.
+            Switch SAE rule) or "uniform"; benchmarks/README.md compares them.
         feature_scaling (bool): Re-weight each expert's encoder rows around their mean
             direction, W^_i = (1 + omega_i) W_i - omega_i a_i, with one learned omega
             per expert (initialised to 0, i.e. no scaling).
@@ -192,15 +190,16 @@ class ScaleTrainingSAEConfig(TrainingSAEConfig):
         load_balancing_coefficient (float): alpha in the load-balancing loss
             alpha * d_in * N * sum_i f_i P_i (the authors use 3). Its weight against
             the MSE scales as alpha * d_in / E||x||^2, so the best value depends on
-            the activation scale: on the synthetic benchmark (E||x||^2 = d_in / 7)
-            alpha from 0.01 to 0.3 beat 3, and 0 unbalanced the experts.
+            the activation scale (benchmarks/README.md); 0 lets the experts
+            unbalance.
         load_balancing_warm_up_steps (int): Steps over which SAELens ramps the
             load-balancing coefficient up from 0.
         aux_loss_coefficient (float): Weight of SAELens's AuxK loss, in which the
             computed dead latents reconstruct the residual. The authors do not use
             it; it is on by default because on the synthetic benchmark turning it
-            off left 121 instead of 20 of 256 latents dead and lowered explained
-            variance by 0.017 (benchmarks/README.md).
+            off left 121 instead of 6 of 256 latents dead and lowered explained
+            variance by 0.04 (benchmarks/README.md). It trains dead latents on the
+            expert-weighted pre-activations, the scale at which they compete.
         rescale_acts_by_decoder_norm (bool): Treat decoder rows as unit directions:
             pre-activations are multiplied by the row norms before ReLU, weighting
             and Top-K, and divided out when decoding (SAELens TopK's convention).
