@@ -208,6 +208,21 @@ def test_training_steps_have_finite_loss_in_each_precision(
     assert all(torch.isfinite(p).all() for p in sae.parameters())
 
 
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+def test_inference_under_autocast_matches_with_and_without_a_graph(
+    autocast_dtype: torch.dtype,
+) -> None:
+    sae = new_sae()
+    x = next(iter(activation_batches(1)))
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        graph_acts, graph_out = sae.encode(x), sae(x)
+        with torch.no_grad():
+            fused_acts, fused_out = sae.encode(x), sae(x)
+    assert fused_acts.dtype == graph_acts.dtype
+    torch.testing.assert_close(fused_acts, graph_acts.detach())
+    torch.testing.assert_close(fused_out, graph_out.detach())
+
+
 def test_to_moves_router_and_feature_scaling_with_the_rest() -> None:
     sae = new_sae()
     names = {"W_router", "b_router", "omega", "W_lowpass"}

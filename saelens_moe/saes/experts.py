@@ -89,14 +89,21 @@ def fold_feature_scaling(
     W_enc: torch.Tensor, scaling: FeatureScaling, n_experts: int
 ) -> torch.Tensor:
     """The effective encoder (1 + omega_i) W_i - omega_i a_i, materialised. [d_in, d_sae]"""
-    d_in = W_enc.shape[0]
-    blocks = W_enc.view(d_in, n_experts, -1)
-    anchors = blocks.mean(dim=-1)  # mu_i as columns
-    if scaling.W_lowpass is not None:
-        anchors = scaling.W_lowpass @ anchors
+    blocks = W_enc.view(W_enc.shape[0], n_experts, -1)
+    anchors = feature_scaling_anchors(W_enc, scaling, n_experts)
     omega = scaling.omega[None, :, None]
     folded = (1 + omega) * blocks - omega * anchors[:, :, None]
-    return folded.reshape(d_in, -1)
+    return folded.reshape(W_enc.shape[0], -1)
+
+
+def feature_scaling_anchors(
+    W_enc: torch.Tensor, scaling: FeatureScaling, n_experts: int
+) -> torch.Tensor:
+    """a_i = T mu_i, the direction expert i is scaled around, as columns. [d_in, n_experts]"""
+    anchors = W_enc.view(W_enc.shape[0], n_experts, -1).mean(dim=-1)
+    if scaling.W_lowpass is not None:
+        anchors = scaling.W_lowpass @ anchors
+    return anchors
 
 
 class _GroupedExpertEncoder(torch.autograd.Function):
@@ -121,8 +128,7 @@ class _GroupedExpertEncoder(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         n_active = experts.shape[1]
         block_size = W_enc.shape[1] // n_experts
-        pair_order = experts.reshape(-1).argsort(stable=True)
-        counts = torch.bincount(experts.reshape(-1), minlength=n_experts).tolist()
+        pair_order, counts = _group_pairs(experts, n_experts)
         grouped_in = sae_in.index_select(0, pair_order // n_active)  # [pairs, d_in]
         grouped_out = grouped_in.new_empty(grouped_in.shape[0], block_size)
         block_means = W_enc.new_empty(
@@ -173,6 +179,15 @@ class _GroupedExpertEncoder(torch.autograd.Function):
             grad_in = grouped_grad_in.new_zeros(ctx.n_tokens, grouped_in.shape[1])
             grad_in.index_add_(0, pair_order // n_active, grouped_grad_in)
         return grad_in, grad_W, None, None, None
+
+
+def _group_pairs(
+    experts: torch.Tensor, n_experts: int
+) -> tuple[torch.Tensor, list[int]]:
+    """(token, slot) pairs in expert order, and how many pairs each expert has."""
+    flat = experts.reshape(-1)
+    counts = torch.bincount(flat, minlength=n_experts).tolist()
+    return flat.argsort(stable=True), counts
 
 
 def _expert_rows(counts: list[int]) -> list[tuple[int, slice]]:
@@ -256,6 +271,65 @@ def selected_expert_pre(
     return pre + b_enc.view(n_experts, -1)[experts]
 
 
+@torch.no_grad()
+def selected_expert_candidates(
+    sae_in: torch.Tensor,  # [tokens, d_in]
+    routing: Routing,
+    W_enc: torch.Tensor,  # [d_in, d_sae]
+    b_enc: torch.Tensor,  # [d_sae]
+    scaling: FeatureScaling | None,
+    decoder_norms: torch.Tensor | None,  # [d_sae]
+) -> torch.Tensor:
+    """Weighted ReLU activations of the selected experts' latents, without autograd.
+
+    The values `selected_expert_pre` followed by decoder-norm rescaling, ReLU and
+    expert weighting give, but each step after an expert's matmul runs on that
+    expert's output block while it is in cache. [tokens, e * m], slot-major.
+    Like the differentiable path, the experts compute in the weights' dtype under
+    autocast.
+    """
+    with torch.autocast(device_type=W_enc.device.type, enabled=False):
+        return _fused_candidates(
+            sae_in.to(W_enc.dtype), routing, W_enc, b_enc, scaling, decoder_norms
+        )
+
+
+def _fused_candidates(
+    sae_in: torch.Tensor,
+    routing: Routing,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    scaling: FeatureScaling | None,
+    decoder_norms: torch.Tensor | None,
+) -> torch.Tensor:
+    n_tokens, n_active = routing.experts.shape
+    n_experts = routing.probs.shape[1]
+    block_size = W_enc.shape[1] // n_experts
+    pair_order, counts = _group_pairs(routing.experts, n_experts)
+    token_of_pair = pair_order // n_active
+    pair_weights = routing.weights.reshape(-1, 1)
+    candidates = sae_in.new_empty(n_tokens * n_active, block_size)
+    anchors, omegas = None, []
+    if scaling is not None:
+        anchors = feature_scaling_anchors(W_enc, scaling, n_experts)
+        omegas = scaling.omega.tolist()
+    for expert, rows in _expert_rows(counts):
+        if rows.stop == rows.start:
+            continue
+        latents = slice(expert * block_size, (expert + 1) * block_size)
+        expert_in = sae_in.index_select(0, token_of_pair[rows])
+        out = expert_in @ W_enc[:, latents]
+        if anchors is not None:  # (1 + omega) (W_i x) - omega (a_i . x)
+            anchor_dot = expert_in @ anchors[:, expert]
+            out.mul_(1 + omegas[expert]).sub_(anchor_dot[:, None], alpha=omegas[expert])
+        out.add_(b_enc[latents])
+        if decoder_norms is not None:
+            out.mul_(decoder_norms[latents])
+        out.relu_().mul_(pair_weights[pair_order[rows]])
+        candidates.index_copy_(0, pair_order[rows], out)
+    return candidates.view(n_tokens, n_active * block_size)
+
+
 def candidate_latents(experts: torch.Tensor, block_size: int) -> torch.Tensor:
     """Global latent index of every candidate, slot-major. [tokens, e * m]"""
     offsets = torch.arange(block_size, device=experts.device)
@@ -297,7 +371,7 @@ def scatter_to_dense(
 ) -> torch.Tensor:
     """Place per-token values at their latent indices in a zero [tokens, d_sae] tensor."""
     dense = values.new_zeros(values.shape[0], d_sae)
-    return dense.scatter(1, latents, values)
+    return dense.scatter_(1, latents, values)
 
 
 def to_sparse_coo(

@@ -51,6 +51,7 @@ from saelens_moe.saes.experts import (
     load_balancing_loss,
     route,
     scatter_to_dense,
+    selected_expert_candidates,
     selected_expert_pre,
     to_block_sparse,
     to_sparse_coo,
@@ -119,13 +120,15 @@ class ScaleSAE(SAE[ScaleSAEConfig]):
 
     @override
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return _dense_feature_acts(self, *_encode_routed(self, x, scaling=None))
+        return _dense_feature_acts(self, *_routed_code(self, x, scaling=None))
 
     def encode_sparse(self, x: torch.Tensor) -> SparseCode:
         """The k kept latents of each token as (values, latents), each [..., k].
 
         The fast form of `encode`: nothing of size d_sae is built and no
         `hook_sae_acts_post` hook runs. `scatter_to_dense` turns it into `encode`'s output.
+        Under `torch.no_grad()` or `torch.inference_mode()` each expert's epilogue
+        (bias, decoder-norm rescaling, ReLU, weighting) runs on its cached output block.
         """
         return _sparse_code(self, x, scaling=None)
 
@@ -275,14 +278,14 @@ class ScaleTrainingSAE(TrainingSAE[ScaleTrainingSAEConfig]):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         encoding, leading = _encode_routed(self, x, self.feature_scaling_state())
         return (
-            _dense_feature_acts(self, encoding, leading),
+            _dense_feature_acts(self, encoding.code, leading),
             _dense_hidden_pre(self, encoding, leading),
         )
 
     @override
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        encoding, leading = _encode_routed(self, x, self.feature_scaling_state())
-        return _dense_feature_acts(self, encoding, leading)
+        code, leading = _routed_code(self, x, self.feature_scaling_state())
+        return _dense_feature_acts(self, code, leading)
 
     def encode_sparse(self, x: torch.Tensor) -> SparseCode:
         """The k kept latents of each token as (values, latents), each [..., k]."""
@@ -522,18 +525,53 @@ def _encode_routed(
     return encoding, sae_in.shape[:-1]
 
 
+def _flat_code(
+    sae: AnyScaleSAE,
+    sae_in: torch.Tensor,  # [..., d_in], already through process_sae_in
+    scaling: FeatureScaling | None,
+) -> tuple[SparseCode, Decoder]:
+    """Only the sparse code: fused per expert when nothing needs the graph or pre-activations."""
+    if _needs_graph(sae, sae_in) or _has_hooks(sae.hook_sae_acts_pre):
+        encoding = _encode_flat(sae, sae_in, scaling)
+        return encoding.code, encoding.decoder
+    cfg = sae.cfg
+    flat_in = sae_in.reshape(-1, cfg.d_in)
+    routing = route(
+        flat_in, sae.W_router, sae.b_router, cfg.n_active_experts, cfg.expert_weighting
+    )
+    decoder = _decoder(sae)
+    candidates = selected_expert_candidates(
+        flat_in, routing, sae.W_enc, sae.b_enc, scaling, decoder.norms
+    )
+    return keep_top_k(candidates, routing.experts, cfg.k), decoder
+
+
+def _needs_graph(sae: AnyScaleSAE, sae_in: torch.Tensor) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return sae_in.requires_grad or any(p.requires_grad for p in sae.parameters())
+
+
+def _routed_code(
+    sae: AnyScaleSAE, x: torch.Tensor, scaling: FeatureScaling | None
+) -> tuple[SparseCode, torch.Size]:
+    """The sparse code of x, and the leading shape to restore ([..., d_sae])."""
+    sae_in = sae.process_sae_in(x)
+    code, _ = _flat_code(sae, sae_in, scaling)
+    return code, sae_in.shape[:-1]
+
+
 def _sparse_code(
     sae: AnyScaleSAE, x: torch.Tensor, scaling: FeatureScaling | None
 ) -> SparseCode:
-    encoding, leading = _encode_routed(sae, x, scaling)
-    values, latents = encoding.code
+    (values, latents), leading = _routed_code(sae, x, scaling)
     return SparseCode(values.view(*leading, -1), latents.view(*leading, -1))
 
 
 def _dense_feature_acts(
-    sae: AnyScaleSAE, encoding: ExpertEncoding, leading: torch.Size
+    sae: AnyScaleSAE, code: SparseCode, leading: torch.Size
 ) -> torch.Tensor:
-    values, latents = encoding.code
+    values, latents = code
     dense = scatter_to_dense(values, latents, sae.cfg.d_sae)
     return sae.hook_sae_acts_post(dense.view(*leading, sae.cfg.d_sae))
 
@@ -567,8 +605,7 @@ def _forward_sparse(
 ) -> torch.Tensor:
     """forward() without ever forming a [tokens, d_sae] tensor."""
     sae_in = sae.process_sae_in(x)
-    encoding = _encode_flat(sae, sae_in, scaling)
-    decoded = decode_sparse(encoding.code, encoding.decoder)
+    decoded = decode_sparse(*_flat_code(sae, sae_in, scaling))
     decoded = decoded.view(*sae_in.shape[:-1], sae.cfg.d_in)
     return sae.hook_sae_output(_finish_decode(sae, decoded))
 

@@ -70,6 +70,11 @@ def assert_matches_dense_reference(sae: ScaleTrainingSAE, x: torch.Tensor) -> No
     }
 
     torch.testing.assert_close(fast_acts, reference.feature_acts)
+    with torch.no_grad():  # the fused per-expert path that builds no graph
+        torch.testing.assert_close(
+            sae.encode(x).reshape(-1, sae.cfg.d_sae), reference.feature_acts
+        )
+        torch.testing.assert_close(sae(x).reshape(-1, d_in), reference.sae_out)
     assert fast_grads.keys() == reference_grads.keys()
     for name, grad in fast_grads.items():
         torch.testing.assert_close(grad, reference_grads[name], msg=name)

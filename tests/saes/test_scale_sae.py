@@ -441,6 +441,14 @@ def test_encode_sparse_is_encode_without_the_zeros(tmp_path: Path) -> None:
         assert values.shape == latents.shape == (3, 4, sae.cfg.k)
         dense = torch.zeros(3, 4, D_SAE).scatter(-1, latents, values)
         torch.testing.assert_close(dense, model.encode(x))
+        graph_out = model(x)
+        with torch.no_grad():  # the fused path gives the graph path's values
+            torch.testing.assert_close(model.encode(x), dense)
+            fused_values, _ = model.encode_sparse(x)
+            torch.testing.assert_close(
+                fused_values.sort(dim=-1).values, values.sort(dim=-1).values
+            )
+            torch.testing.assert_close(model(x), graph_out)
 
 
 def test_auxk_trains_dead_latents_at_their_weighted_scale() -> None:
