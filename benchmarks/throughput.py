@@ -9,7 +9,10 @@ step above what the parameters, gradients-free optimizer state and caches held
 before it, sampled in a fresh process), and the encoder's achieved
 GFLOP/s on its useful FLOPs next to a plain fp32 matmul timed in the same run.
 A second table follows a Scale SAE's forward+backward (no optimizer) as the
-number of experts doubles with e*m fixed.
+number of experts doubles with e*m fixed, each curve in a fresh process: once
+with PyTorch's default CPU allocator and once with `THP_MEM_ALLOC_ENABLE=1`
+(large tensors on transparent huge pages, so fresh gradient tensors cost far
+fewer page faults).
 
     python benchmarks/throughput.py            # GPT-2 scale: d_in 768, d_sae 24576
     python benchmarks/throughput.py --quick    # small sizes, a few seconds
@@ -48,6 +51,10 @@ from saelens_moe import (
 )
 
 GIB = 1024**3
+ALLOCATORS: dict[str, dict[str, str]] = {
+    "default": {},
+    "huge_pages": {"THP_MEM_ALLOC_ENABLE": "1"},
+}
 
 
 @dataclass
@@ -259,40 +266,26 @@ def measure(
 
 
 def scaling_curve(sizes: Sizes, reps: int) -> list[dict[str, float]]:
-    """A Scale SAE's forward + backward (no optimizer step) as N doubles, e*m fixed."""
+    """A Scale SAE's forward + backward (no optimizer step) as N doubles, e*m fixed.
+
+    Widths take turns within each repetition, so a slow spell of the machine
+    falls on every width alike; the first repetition is a warm-up.
+    """
     torch.manual_seed(0)
     x = torch.randn(sizes.batch, sizes.d_in)
+    steps = [forward_backward_of(sizes, d_sae, x) for d_sae in sizes.scaling_d_sae]
+    times: list[list[float]] = [[] for _ in steps]
+    for rep in range(reps + 1):
+        for step, width_times in zip(steps, times, strict=True):
+            elapsed = timed(step)
+            if rep:
+                width_times.append(elapsed)
     points: list[dict[str, float]] = []
-    for d_sae in sizes.scaling_d_sae:
-        n_experts = d_sae // sizes.scaling_block
-        sae = ScaleTrainingSAE(
-            ScaleTrainingSAEConfig(
-                d_in=sizes.d_in,
-                d_sae=d_sae,
-                k=sizes.k,
-                n_experts=n_experts,
-                n_active_experts=2,
-            )
-        )
-        step_input = TrainStepInput(
-            sae_in=x,
-            coefficients={"load_balancing": sae.cfg.load_balancing_coefficient},
-            dead_neuron_mask=torch.zeros(d_sae, dtype=torch.bool),
-            n_training_steps=0,
-            is_logging_step=False,
-        )
-
-        def forward_backward(
-            sae: ScaleTrainingSAE = sae, step_input: TrainStepInput = step_input
-        ) -> None:
-            sae.zero_grad(set_to_none=True)
-            sae.training_forward_pass(step_input).loss.backward()
-
-        times = [timed(forward_backward) for _ in range(reps + 1)][1:]
+    for d_sae, width_times in zip(sizes.scaling_d_sae, times, strict=True):
         point = {
             "d_sae": d_sae,
-            "n_experts": n_experts,
-            "forward_backward_s": statistics.median(times),
+            "n_experts": d_sae // sizes.scaling_block,
+            "forward_backward_s": statistics.median(width_times),
         }
         if points:
             point["ratio_to_half_width"] = (
@@ -300,6 +293,50 @@ def scaling_curve(sizes: Sizes, reps: int) -> list[dict[str, float]]:
             )
         points.append(point)
     return points
+
+
+def forward_backward_of(
+    sizes: Sizes, d_sae: int, x: torch.Tensor
+) -> Callable[[], None]:
+    """One training forward and backward of a fresh Scale SAE (e=2) at this width."""
+    sae = ScaleTrainingSAE(
+        ScaleTrainingSAEConfig(
+            d_in=sizes.d_in,
+            d_sae=d_sae,
+            k=sizes.k,
+            n_experts=d_sae // sizes.scaling_block,
+            n_active_experts=2,
+        )
+    )
+    step_input = TrainStepInput(
+        sae_in=x,
+        coefficients={"load_balancing": sae.cfg.load_balancing_coefficient},
+        dead_neuron_mask=torch.zeros(d_sae, dtype=torch.bool),
+        n_training_steps=0,
+        is_logging_step=False,
+    )
+
+    def forward_backward() -> None:
+        sae.zero_grad(set_to_none=True)
+        sae.training_forward_pass(step_input).loss.backward()
+
+    return forward_backward
+
+
+def scaling_curve_in_subprocess(
+    quick: bool, reps: int, allocator_env: dict[str, str]
+) -> list[dict[str, float]]:
+    """`scaling_curve` in a fresh process with extra environment variables."""
+    command = [sys.executable, __file__, "--curve-only", "--reps", str(reps)]
+    command += ["--quick"] if quick else []
+    result = subprocess.run(
+        command,
+        env=os.environ | allocator_env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def summarise(
@@ -366,7 +403,9 @@ COLUMNS = [
 ]
 
 
-def markdown(rows: list[dict[str, Any]], curve: list[dict[str, float]]) -> str:
+def markdown(
+    rows: list[dict[str, Any]], curves: dict[str, list[dict[str, float]]]
+) -> str:
     lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |"]
     lines.append("|" + "---|" * len(COLUMNS))
     for row in rows:
@@ -384,33 +423,47 @@ def markdown(rows: list[dict[str, Any]], curve: list[dict[str, float]]) -> str:
                 for key, _, fmt in COLUMNS
             ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "| d_sae | N | forward+backward s | vs half width |",
-        "|---|---|---|---|",
-    ]
-    for point in curve:
-        ratio = point.get("ratio_to_half_width")
-        lines.append(
-            f"| {point['d_sae']:.0f} | {point['n_experts']:.0f} | {point['forward_backward_s']:.3f} | "
-            + ("-" if ratio is None else f"{ratio:.2f}x")
-            + " |"
-        )
+    header = "| d_sae | N |"
+    for allocator in curves:
+        header += f" forward+backward s ({allocator}) | vs half width |"
+    lines += ["", header, "|---|---|" + "---|---|" * len(curves)]
+    for points in zip(*curves.values(), strict=True):
+        cells = [f"{points[0]['d_sae']:.0f}", f"{points[0]['n_experts']:.0f}"]
+        for point in points:
+            ratio = point.get("ratio_to_half_width")
+            cells.append(f"{point['forward_backward_s']:.3f}")
+            cells.append("-" if ratio is None else f"{ratio:.2f}x")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot_curve(curve: list[dict[str, float]], path: Path) -> None:
+def plot_curves(curves: dict[str, list[dict[str, float]]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(5, 3.5))
+    for allocator, curve in curves.items():
+        axis.plot(
+            [p["d_sae"] for p in curve],
+            [p["forward_backward_s"] * 1e3 for p in curve],
+            marker="o",
+            label=f"{allocator} allocator",
+        )
+    first = curves["default"][0]
     axis.plot(
-        [p["d_sae"] for p in curve],
-        [p["forward_backward_s"] * 1e3 for p in curve],
-        marker="o",
+        [p["d_sae"] for p in curves["default"]],
+        [
+            first["forward_backward_s"] * 1e3 * 1.2**i
+            for i in range(len(curves["default"]))
+        ],
+        linestyle="--",
+        color="grey",
+        label="1.2x per doubling",
     )
+    axis.set_ylim(bottom=0)
+    axis.legend()
     axis.set_xscale("log", base=2)
     axis.set_xlabel("d_sae (N doubles, e*m fixed)")
     axis.set_ylabel("forward + backward (ms)")
@@ -456,6 +509,7 @@ def main() -> None:
         "--no-memory", action="store_true", help="skip the memory measurement"
     )
     parser.add_argument("--transient-of", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--curve-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
@@ -463,12 +517,18 @@ def main() -> None:
         name, n_experts, n_active = args.transient_of
         print_transient_of(sizes, name, int(n_experts), int(n_active))
         return
+    if args.curve_only:
+        print(json.dumps(scaling_curve(sizes, args.reps)))
+        return
     args.output_dir.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     candidates, matmul_s = measure(sizes, args.reps, with_memory=not args.no_memory)
-    curve = scaling_curve(sizes, args.reps)
+    curves = {
+        allocator: scaling_curve_in_subprocess(args.quick, args.reps, env)
+        for allocator, env in ALLOCATORS.items()
+    }
     rows = summarise(sizes, candidates, matmul_s)
-    table = markdown(rows, curve)
+    table = markdown(rows, curves)
     stem = "throughput_quick" if args.quick else "throughput"
     profile_table = step_profile(sizes)
     table += f"\n\nProfile of one Scale SAE training step:\n\n```\n{profile_table}\n```"
@@ -478,10 +538,11 @@ def main() -> None:
         "sizes": asdict(sizes),
         "machine": machine() | {"load_average_at_start": load_before},
         "rows": rows,
-        "scaling_curve": curve,
+        "scaling_curve": curves["default"],
+        "scaling_curve_huge_pages": curves["huge_pages"],
     }
     (args.output_dir / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    plot_curve(curve, args.output_dir / f"{stem}_scaling.png")
+    plot_curves(curves, args.output_dir / f"{stem}_scaling.png")
 
 
 if __name__ == "__main__":

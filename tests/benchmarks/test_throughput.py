@@ -37,5 +37,6 @@ def test_throughput_benchmark_quick_run_writes_table_json_and_plot(
         assert rows[key]["step_tok_s"] > 0
         assert rows[key]["step_transient_gib"] is not None
     assert rows[("scale", 16, 2)]["encode_sparse_tok_s"] > 0
-    assert [point["d_sae"] for point in report["scaling_curve"]] == [512, 1024, 2048]
+    for curve in ("scaling_curve", "scaling_curve_huge_pages"):
+        assert [point["d_sae"] for point in report[curve]] == [512, 1024, 2048]
     assert (tmp_path / "throughput_quick_scaling.png").stat().st_size > 0
