@@ -423,6 +423,12 @@ def markdown(
                 for key, _, fmt in COLUMNS
             ]
         lines.append("| " + " | ".join(cells) + " |")
+    matmul = next(row["matmul_gflop_s"] for row in rows if row["error"] is None)
+    lines += [
+        "",
+        f"Plain fp32 matmul [batch, d_in] @ [d_in, d_sae], best of the run: "
+        f"{matmul:.1f} GFLOP/s (the 'of matmul rate' reference).",
+    ]
     header = "| d_sae | N |"
     for allocator in curves:
         header += f" forward+backward s ({allocator}) | vs half width |"
