@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -490,15 +491,26 @@ def machine() -> dict[str, Any]:
     }
 
 
-def step_profile(sizes: Sizes, rows: int = 15) -> str:
-    """Where a warm Scale SAE training step (the first (N, e) pair) spends its time."""
+def profiles(sizes: Sizes, rows: int = 15) -> dict[str, str]:
+    """Where a warm Scale SAE (the first (N, e) pair) spends a training step and an encode."""
     torch.manual_seed(0)
     x = torch.randn(sizes.batch, sizes.d_in)
-    trainer = trainer_for(build(Candidate("scale", *sizes.experts[0]), sizes), x)
-    trainer.step(x)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        trainer.step(x)
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+    sae = build(Candidate("scale", *sizes.experts[0]), sizes)
+    trainer = trainer_for(sae, x)
+    inference = exported(sae)
+    tables = {}
+    for name, work in [
+        ("training step", partial(trainer.step, x)),
+        ("encode_sparse (inference, no_grad)", partial(inference.encode_sparse, x)),
+    ]:
+        with torch.no_grad() if name.startswith("encode") else nullcontext():
+            work()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                work()
+        tables[name] = prof.key_averages().table(
+            sort_by="self_cpu_time_total", row_limit=rows
+        )
+    return tables
 
 
 def main() -> None:
@@ -536,8 +548,8 @@ def main() -> None:
     rows = summarise(sizes, candidates, matmul_s)
     table = markdown(rows, curves)
     stem = "throughput_quick" if args.quick else "throughput"
-    profile_table = step_profile(sizes)
-    table += f"\n\nProfile of one Scale SAE training step:\n\n```\n{profile_table}\n```"
+    for name, profile_table in profiles(sizes).items():
+        table += f"\n\nProfile of one Scale SAE {name}:\n\n```\n{profile_table}\n```"
     print(table)
     (args.output_dir / f"{stem}.md").write_text(table + "\n")
     result = {
