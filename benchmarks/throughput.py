@@ -327,12 +327,17 @@ def forward_backward_of(
 def scaling_curve_in_subprocess(
     quick: bool, reps: int, allocator_env: dict[str, str]
 ) -> list[dict[str, float]]:
-    """`scaling_curve` in a fresh process with extra environment variables."""
+    """`scaling_curve` in a fresh process whose allocator settings are exactly these."""
     command = [sys.executable, __file__, "--curve-only", "--reps", str(reps)]
     command += ["--quick"] if quick else []
+    inherited = {
+        name: value
+        for name, value in os.environ.items()
+        if not any(name in env for env in ALLOCATORS.values())
+    }
     result = subprocess.run(
         command,
-        env=os.environ | allocator_env,
+        env=inherited | allocator_env,
         capture_output=True,
         text=True,
         check=True,
