@@ -504,11 +504,15 @@ def profiles(sizes: Sizes, rows: int = 15) -> dict[str, str]:
     trainer = trainer_for(sae, x)
     inference = exported(sae)
     tables = {}
-    for name, work in [
-        ("training step", partial(trainer.step, x)),
-        ("encode_sparse (inference, no_grad)", partial(inference.encode_sparse, x)),
+    for name, work, context in [
+        ("training step", partial(trainer.step, x), nullcontext),
+        (
+            "encode_sparse (inference, no_grad)",
+            partial(inference.encode_sparse, x),
+            torch.no_grad,
+        ),
     ]:
-        with torch.no_grad() if name.startswith("encode") else nullcontext():
+        with context():
             work()
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 work()

@@ -306,7 +306,6 @@ def _fused_candidates(
     n_experts = routing.probs.shape[1]
     block_size = W_enc.shape[1] // n_experts
     pair_order, counts = _group_pairs(routing.experts, n_experts)
-    token_of_pair = pair_order // n_active
     pair_weights = routing.weights.reshape(-1, 1)
     candidates = sae_in.new_empty(n_tokens * n_active, block_size)
     anchors, omegas = None, []
@@ -317,7 +316,8 @@ def _fused_candidates(
         if rows.stop == rows.start:
             continue
         latents = slice(expert * block_size, (expert + 1) * block_size)
-        expert_in = sae_in.index_select(0, token_of_pair[rows])
+        pairs = pair_order[rows]
+        expert_in = sae_in.index_select(0, pairs // n_active)
         out = expert_in @ W_enc[:, latents]
         if anchors is not None:  # (1 + omega) (W_i x) - omega (a_i . x)
             anchor_dot = expert_in @ anchors[:, expert]
@@ -325,8 +325,8 @@ def _fused_candidates(
         out.add_(b_enc[latents])
         if decoder_norms is not None:
             out.mul_(decoder_norms[latents])
-        out.relu_().mul_(pair_weights[pair_order[rows]])
-        candidates.index_copy_(0, pair_order[rows], out)
+        out.relu_().mul_(pair_weights[pairs])
+        candidates.index_copy_(0, pairs, out)
     return candidates.view(n_tokens, n_active * block_size)
 
 

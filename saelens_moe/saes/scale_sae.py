@@ -40,6 +40,7 @@ from saelens_moe.saes.experts import (
     ExpertEncoding,
     ExpertWeighting,
     FeatureScaling,
+    Routing,
     SparseCode,
     candidate_latents,
     dead_latent_code,
@@ -481,6 +482,13 @@ def _decoder(sae: AnyScaleSAE) -> Decoder:
     return decoder_for(sae.W_dec, sae.cfg.rescale_acts_by_decoder_norm)
 
 
+def _route(sae: AnyScaleSAE, flat_in: torch.Tensor) -> Routing:
+    cfg = sae.cfg
+    return route(
+        flat_in, sae.W_router, sae.b_router, cfg.n_active_experts, cfg.expert_weighting
+    )
+
+
 def _encode_flat(
     sae: AnyScaleSAE,
     sae_in: torch.Tensor,  # [..., d_in], already through process_sae_in
@@ -489,9 +497,7 @@ def _encode_flat(
     """Route, encode the selected experts and keep the global Top-K. Outputs are 2-D."""
     cfg = sae.cfg
     flat_in = sae_in.reshape(-1, cfg.d_in)
-    routing = route(
-        flat_in, sae.W_router, sae.b_router, cfg.n_active_experts, cfg.expert_weighting
-    )
+    routing = _route(sae, flat_in)
     pre = selected_expert_pre(
         flat_in, routing.experts, sae.W_enc, sae.b_enc, cfg.n_experts, scaling
     )  # [tokens, e, m]
@@ -536,9 +542,7 @@ def _flat_code(
         return encoding.code, encoding.decoder
     cfg = sae.cfg
     flat_in = sae_in.reshape(-1, cfg.d_in)
-    routing = route(
-        flat_in, sae.W_router, sae.b_router, cfg.n_active_experts, cfg.expert_weighting
-    )
+    routing = _route(sae, flat_in)
     decoder = _decoder(sae)
     candidates = selected_expert_candidates(
         flat_in, routing, sae.W_enc, sae.b_enc, scaling, decoder.norms
