@@ -50,6 +50,7 @@ from saelens_moe import (
     SwitchTrainingSAE,
     SwitchTrainingSAEConfig,
 )
+from saelens_moe.saes import top_k
 
 GIB = 1024**3
 ALLOCATORS: dict[str, dict[str, str]] = {
@@ -363,12 +364,10 @@ def summarise(
             encode = statistics.median(candidate.encode_s)
             step = statistics.median(candidate.step_s)
             fastest_encode = (
-                min([encode, *candidate.encode_sparse_s])
+                statistics.median(candidate.encode_sparse_s)
                 if candidate.encode_sparse_s
                 else encode
             )
-            if candidate.encode_sparse_s:
-                fastest_encode = statistics.median(candidate.encode_sparse_s)
             row |= {
                 "encode_tok_s": sizes.batch / encode,
                 "encode_sparse_tok_s": sizes.batch / fastest_encode
@@ -434,6 +433,7 @@ def markdown(
         "",
         f"Plain fp32 matmul [batch, d_in] @ [d_in, d_sae], best of the run: "
         f"{matmul:.1f} GFLOP/s (the 'of matmul rate' reference).",
+        f"Row Top-K: {'compiled kernel' if top_k_kernel_loaded() else 'torch.topk'}.",
     ]
     header = "| d_sae | N |"
     for allocator in curves:
@@ -485,6 +485,11 @@ def plot_curves(curves: dict[str, list[dict[str, float]]], path: Path) -> None:
     plt.close(figure)
 
 
+def top_k_kernel_loaded() -> bool:
+    """Whether the Scale SAE's Top-K ran as the compiled kernel (see saes/top_k.py)."""
+    return top_k.kernel_enabled() and top_k._compiled_library() is not None
+
+
 def machine() -> dict[str, Any]:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
@@ -492,6 +497,7 @@ def machine() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "top_k": "compiled kernel" if top_k_kernel_loaded() else "torch.topk",
         "load_average_at_end": load,
     }
 

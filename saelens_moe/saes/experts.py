@@ -13,6 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from saelens_moe.saes.top_k import (
+    ExpertEpilogue,
+    compiled_expert_top_k,
+    top_k_positions,
+)
+from saelens_moe.saes.zeros import big_zeros
+
 ExpertWeighting = Literal["softmax_of_probs", "renormalized", "probs", "uniform"]
 EXPERT_WEIGHTINGS: tuple[str, ...] = get_args(ExpertWeighting)
 
@@ -66,7 +73,9 @@ def route(
 ) -> Routing:
     """Route each token to its `n_active_experts` most probable experts."""
     probs = (sae_in @ W_router + b_router).softmax(dim=-1)
-    top_probs, experts = probs.topk(n_active_experts, dim=-1)
+    chosen = top_k_positions(probs.detach(), n_active_experts)
+    top_probs, slot_order = probs.gather(1, chosen).sort(dim=-1, descending=True)
+    experts = chosen.gather(1, slot_order)
     return Routing(probs, experts, weigh_experts(top_probs, expert_weighting))
 
 
@@ -159,13 +168,11 @@ class _GroupedExpertEncoder(torch.autograd.Function):
             grouped_grad = grad_out.reshape(-1, block_size).index_select(0, pair_order)
         grad_W = None
         if ctx.needs_input_grad[1]:
-            grad_W = torch.empty_like(W_enc)
+            grad_W = big_zeros(W_enc.shape, like=W_enc)
             for expert, rows in _expert_rows(ctx.counts):
                 block = grad_W[:, expert * block_size : (expert + 1) * block_size]
                 if rows.stop > rows.start:
                     torch.mm(grouped_in[rows].T, grouped_grad[rows], out=block)
-                else:
-                    block.zero_()
                 if grad_means is not None:  # d mean / d column = 1 / m
                     block.add_(grad_means[:, expert, None] / block_size)
         grad_in = None
@@ -272,62 +279,123 @@ def selected_expert_pre(
 
 
 @torch.no_grad()
-def selected_expert_candidates(
+def selected_expert_code(
     sae_in: torch.Tensor,  # [tokens, d_in]
     routing: Routing,
     W_enc: torch.Tensor,  # [d_in, d_sae]
     b_enc: torch.Tensor,  # [d_sae]
     scaling: FeatureScaling | None,
     decoder_norms: torch.Tensor | None,  # [d_sae]
-) -> torch.Tensor:
-    """Weighted ReLU activations of the selected experts' latents, without autograd.
+    k: int,
+) -> SparseCode:
+    """The code `keep_top_k` keeps from the selected experts' candidates, without autograd.
 
-    The values `selected_expert_pre` followed by decoder-norm rescaling, ReLU and
-    expert weighting give, but each step after an expert's matmul runs on that
-    expert's output block while it is in cache. [tokens, e * m], slot-major.
-    Like the differentiable path, the experts compute in the weights' dtype under
-    autocast.
+    The candidates are what `selected_expert_pre` followed by decoder-norm
+    rescaling, ReLU and expert weighting gives. Each expert's matmul covers only
+    its own tokens; the epilogue and the Top-K then run per token in one pass of
+    the compiled kernel (`top_k.py`) or, without it, per expert block while it is
+    in cache, followed by `keep_top_k`. Like the differentiable path, the experts
+    compute in the weights' dtype under autocast.
     """
     with torch.autocast(device_type=W_enc.device.type, enabled=False):
-        return _fused_candidates(
-            sae_in.to(W_enc.dtype), routing, W_enc, b_enc, scaling, decoder_norms
+        sae_in = sae_in.to(W_enc.dtype)
+        grouped = _grouped_matmuls(sae_in, routing, W_enc)
+        epilogue = _expert_epilogue(
+            sae_in, routing, W_enc, b_enc, scaling, decoder_norms
         )
+        compiled = compiled_expert_top_k(
+            grouped.pre, grouped.row_of_pair, routing.experts, epilogue, k
+        )
+        if compiled is not None:
+            return SparseCode(*compiled)
+        candidates = _weighted_candidates(grouped, routing.experts, epilogue)
+        return keep_top_k(candidates, routing.experts, k)
 
 
-def _fused_candidates(
+class _GroupedPre(NamedTuple):
+    """The selected experts' matmul outputs, (token, slot) pairs grouped by expert."""
+
+    pre: torch.Tensor
+    """x @ W_enc[:, block] of each pair's expert, in grouped order. [pairs, m]"""
+    pair_order: torch.Tensor
+    """The flat (token, slot) pair in each grouped row. [pairs]"""
+    row_of_pair: torch.Tensor
+    """The grouped row of each (token, slot) pair. [tokens, e]"""
+    expert_rows: list[tuple[int, slice]]
+    """(expert, its grouped rows) for every expert with tokens."""
+
+
+def _grouped_matmuls(
+    sae_in: torch.Tensor, routing: Routing, W_enc: torch.Tensor
+) -> _GroupedPre:
+    n_tokens, n_active = routing.experts.shape
+    n_experts = routing.probs.shape[1]
+    block_size = W_enc.shape[1] // n_experts
+    pair_order, counts = _group_pairs(routing.experts, n_experts)
+    grouped_in = sae_in.index_select(0, pair_order // n_active)  # [pairs, d_in]
+    pre = grouped_in.new_empty(grouped_in.shape[0], block_size)
+    expert_rows = [
+        (expert, rows)
+        for expert, rows in _expert_rows(counts)
+        if rows.stop > rows.start
+    ]
+    for expert, rows in expert_rows:
+        latents = slice(expert * block_size, (expert + 1) * block_size)
+        torch.mm(grouped_in[rows], W_enc[:, latents], out=pre[rows])
+    row_of_pair = torch.empty_like(pair_order)
+    row_of_pair[pair_order] = torch.arange(pair_order.numel(), device=sae_in.device)
+    return _GroupedPre(
+        pre, pair_order, row_of_pair.view(n_tokens, n_active), expert_rows
+    )
+
+
+def _expert_epilogue(
     sae_in: torch.Tensor,
     routing: Routing,
     W_enc: torch.Tensor,
     b_enc: torch.Tensor,
     scaling: FeatureScaling | None,
     decoder_norms: torch.Tensor | None,
+) -> ExpertEpilogue:
+    scale, shift = None, None
+    if scaling is not None:  # (1 + omega) (W_i x) - omega (a_i . x)
+        anchors = feature_scaling_anchors(W_enc, scaling, routing.probs.shape[1])
+        omega = scaling.omega[routing.experts]  # [tokens, e]
+        anchor_dot = (sae_in @ anchors).gather(1, routing.experts)  # [tokens, e]
+        scale, shift = 1 + omega, omega * anchor_dot
+    return ExpertEpilogue(
+        scale,
+        shift,
+        routing.weights.contiguous(),
+        b_enc.contiguous(),
+        None if decoder_norms is None else decoder_norms.contiguous(),
+    )
+
+
+def _weighted_candidates(
+    grouped: _GroupedPre, experts: torch.Tensor, epilogue: ExpertEpilogue
 ) -> torch.Tensor:
-    n_tokens, n_active = routing.experts.shape
-    n_experts = routing.probs.shape[1]
-    block_size = W_enc.shape[1] // n_experts
-    pair_order, counts = _group_pairs(routing.experts, n_experts)
-    pair_weights = routing.weights.reshape(-1, 1)
-    candidates = sae_in.new_empty(n_tokens * n_active, block_size)
-    anchors, omegas = None, []
-    if scaling is not None:
-        anchors = feature_scaling_anchors(W_enc, scaling, n_experts)
-        omegas = scaling.omega.tolist()
-    for expert, rows in _expert_rows(counts):
-        if rows.stop == rows.start:
-            continue
+    """The kernel's candidates, in PyTorch per expert block. [tokens, e * m], slot-major."""
+    block_size = grouped.pre.shape[1]
+
+    def in_grouped_order(per_pair: torch.Tensor) -> torch.Tensor:
+        return per_pair.flatten()[grouped.pair_order, None]  # [pairs, 1]
+
+    weights = in_grouped_order(epilogue.weights)
+    scaling = None
+    if epilogue.scale is not None and epilogue.shift is not None:
+        scaling = in_grouped_order(epilogue.scale), in_grouped_order(epilogue.shift)
+    for expert, rows in grouped.expert_rows:
         latents = slice(expert * block_size, (expert + 1) * block_size)
-        pairs = pair_order[rows]
-        expert_in = sae_in.index_select(0, pairs // n_active)
-        out = expert_in @ W_enc[:, latents]
-        if anchors is not None:  # (1 + omega) (W_i x) - omega (a_i . x)
-            anchor_dot = expert_in @ anchors[:, expert]
-            out.mul_(1 + omegas[expert]).sub_(anchor_dot[:, None], alpha=omegas[expert])
-        out.add_(b_enc[latents])
-        if decoder_norms is not None:
-            out.mul_(decoder_norms[latents])
-        out.relu_().mul_(pair_weights[pairs])
-        candidates.index_copy_(0, pairs, out)
-    return candidates.view(n_tokens, n_active * block_size)
+        out = grouped.pre[rows]  # in cache from here on
+        if scaling is not None:
+            out.mul_(scaling[0][rows]).sub_(scaling[1][rows])
+        out.add_(epilogue.bias[latents])
+        if epilogue.norms is not None:
+            out.mul_(epilogue.norms[latents])
+        # weights are >= 0, so weighting before the ReLU gives the same values
+        out.mul_(weights[rows]).relu_()
+    return grouped.pre[grouped.row_of_pair.flatten()].view(experts.shape[0], -1)
 
 
 def candidate_latents(experts: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -343,7 +411,8 @@ def keep_top_k(
 ) -> SparseCode:
     """Global Top-K over all selected experts' candidate activations at once."""
     block_size = candidates.shape[1] // experts.shape[1]
-    values, positions = candidates.topk(k, dim=-1, sorted=False)
+    positions = top_k_positions(candidates.detach(), k)
+    values = candidates.gather(1, positions)
     slot_experts = experts.gather(1, positions // block_size)
     return SparseCode(values, slot_experts * block_size + positions % block_size)
 
@@ -370,7 +439,7 @@ def scatter_to_dense(
     values: torch.Tensor, latents: torch.Tensor, d_sae: int
 ) -> torch.Tensor:
     """Place per-token values at their latent indices in a zero [tokens, d_sae] tensor."""
-    dense = values.new_zeros(values.shape[0], d_sae)
+    dense = big_zeros((values.shape[0], d_sae), like=values)
     return dense.scatter_(1, latents, values)
 
 
@@ -439,8 +508,8 @@ def dead_latent_code(
     latents = candidate_latents(experts, candidate_pre.shape[1] // experts.shape[1])
     is_dead = dead_latents[latents]
     masked = torch.where(is_dead, candidate_pre, float("-inf"))
-    values, positions = masked.topk(min(k_aux, masked.shape[1]), dim=-1, sorted=False)
-    values = torch.where(is_dead.gather(1, positions), values, 0.0)
+    positions = top_k_positions(masked.detach(), min(k_aux, masked.shape[1]))
+    values = torch.where(is_dead.gather(1, positions), masked.gather(1, positions), 0.0)
     return SparseCode(values, latents.gather(1, positions))
 
 

@@ -52,7 +52,7 @@ from saelens_moe.saes.experts import (
     load_balancing_loss,
     route,
     scatter_to_dense,
-    selected_expert_candidates,
+    selected_expert_code,
     selected_expert_pre,
     to_block_sparse,
     to_sparse_coo,
@@ -544,10 +544,10 @@ def _flat_code(
     flat_in = sae_in.reshape(-1, cfg.d_in)
     routing = _route(sae, flat_in)
     decoder = _decoder(sae)
-    candidates = selected_expert_candidates(
-        flat_in, routing, sae.W_enc, sae.b_enc, scaling, decoder.norms
+    code = selected_expert_code(
+        flat_in, routing, sae.W_enc, sae.b_enc, scaling, decoder.norms, cfg.k
     )
-    return keep_top_k(candidates, routing.experts, cfg.k), decoder
+    return code, decoder
 
 
 def _needs_graph(sae: AnyScaleSAE, sae_in: torch.Tensor) -> bool:

@@ -1,0 +1,152 @@
+// Top-K over rows of float32 candidates, run on PyTorch's OpenMP thread pool.
+//
+// top_k_positions: positions of the k largest entries of each row of a matrix.
+// selected_expert_top_k: the same over each token's selected-expert candidates,
+// built on the fly from the grouped matmul outputs with the encoder epilogue.
+//
+// Order: larger value first, NaN above every number, -0 just below +0, and on
+// equal values the lower position first; the k positions of a row come out in no order.
+//
+// Per row: split the row into k groups; the smallest group maximum t is a value at
+// least k entries reach, so every entry of the top k is >= t. Entries above t are
+// usually a small share of the row, and only those go through a selection.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <vector>
+
+namespace {
+
+// Unsigned keys that order floats as numbers, with NaN above +inf (and -0 just
+// below +0); branch-free so the compiler vectorises it.
+uint32_t order_key(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  const uint32_t negative = static_cast<uint32_t>(static_cast<int32_t>(bits) >> 31);
+  const uint32_t key = bits ^ (negative | 0x80000000u);
+  return value != value ? UINT32_MAX : key;
+}
+
+// Larger key first; on equal keys the lower position gives the larger entry.
+uint64_t entry(uint32_t key, int64_t position) {
+  return (static_cast<uint64_t>(key) << 32) | (UINT32_MAX - static_cast<uint32_t>(position));
+}
+
+int64_t position_of(uint64_t packed) {
+  return UINT32_MAX - static_cast<uint32_t>(packed);
+}
+
+void top_k_of_row(const float* values, int64_t n_cols, int64_t k,
+                  std::vector<uint32_t>& keys, std::vector<uint64_t>& above,
+                  int64_t* positions) {
+  for (int64_t column = 0; column < n_cols; ++column) keys[column] = order_key(values[column]);
+  const int64_t group_size = n_cols / k;  // at least k groups
+  uint32_t bound = UINT32_MAX;  // min over groups of the group maximum
+  for (int64_t start = 0; start < n_cols; start += group_size) {
+    const int64_t end = std::min(n_cols, start + group_size);
+    uint32_t group_max = 0;
+    for (int64_t column = start; column < end; ++column) group_max = std::max(group_max, keys[column]);
+    bound = std::min(bound, group_max);
+  }
+  int64_t n_above = 0;
+  for (int64_t column = 0; column < n_cols; ++column) {
+    above[n_above] = entry(keys[column], column);
+    n_above += keys[column] > bound;
+  }
+  if (n_above >= k) {
+    std::nth_element(above.begin(), above.begin() + (k - 1), above.begin() + n_above,
+                     std::greater<uint64_t>());
+    for (int64_t slot = 0; slot < k; ++slot) positions[slot] = position_of(above[slot]);
+    return;
+  }
+  // everything above the bound, then the first entries equal to it
+  for (int64_t slot = 0; slot < n_above; ++slot) positions[slot] = position_of(above[slot]);
+  for (int64_t column = 0, slot = n_above; slot < k; ++column) {
+    if (keys[column] == bound) positions[slot++] = column;
+  }
+}
+
+struct ExpertEpilogue {
+  const float* grouped_pre;     // [pairs, block_size], rows grouped by expert
+  const int64_t* grouped_row;   // [tokens, n_active] row of each (token, slot)
+  const int64_t* experts;       // [tokens, n_active]
+  const float* scale;           // [tokens, n_active] (1 + omega), or null
+  const float* shift;           // [tokens, n_active] omega (a . x), or null
+  const float* weights;         // [tokens, n_active], all >= 0
+  const float* bias;            // [d_sae]
+  const float* norms;           // [d_sae], or null
+  int64_t n_active;
+  int64_t block_size;
+};
+
+// Weighted ReLU candidates of one token, in the order the PyTorch path applies
+// them: Feature Scaling, bias, decoder norm, weight, ReLU.
+void token_candidates(const ExpertEpilogue& epilogue, int64_t token, float* row) {
+  const int64_t m = epilogue.block_size;
+  for (int64_t slot = 0; slot < epilogue.n_active; ++slot) {
+    const int64_t pair = token * epilogue.n_active + slot;
+    const float* pre = epilogue.grouped_pre + epilogue.grouped_row[pair] * m;
+    const int64_t first_latent = epilogue.experts[pair] * m;
+    const float* bias = epilogue.bias + first_latent;
+    const float weight = epilogue.weights[pair];
+    float* out = row + slot * m;
+    for (int64_t j = 0; j < m; ++j) out[j] = pre[j];
+    if (epilogue.scale != nullptr) {
+      const float scale = epilogue.scale[pair];
+      const float shift = epilogue.shift[pair];
+      for (int64_t j = 0; j < m; ++j) out[j] = out[j] * scale - shift;
+    }
+    for (int64_t j = 0; j < m; ++j) out[j] += bias[j];
+    if (epilogue.norms != nullptr) {
+      const float* norms = epilogue.norms + first_latent;
+      for (int64_t j = 0; j < m; ++j) out[j] *= norms[j];
+    }
+    for (int64_t j = 0; j < m; ++j) out[j] = std::max(out[j] * weight, 0.0f);
+  }
+}
+
+}  // namespace
+
+extern "C" void top_k_positions(const float* matrix, int64_t n_rows,
+                                int64_t n_cols, int64_t k, int64_t* positions,
+                                int64_t n_threads) {
+#pragma omp parallel num_threads(static_cast<int>(n_threads))
+  {
+    std::vector<uint32_t> keys(n_cols);
+    std::vector<uint64_t> above(n_cols);
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < n_rows; ++row) {
+      top_k_of_row(matrix + row * n_cols, n_cols, k, keys, above, positions + row * k);
+    }
+  }
+}
+
+extern "C" void selected_expert_top_k(
+    const float* grouped_pre, const int64_t* grouped_row, const int64_t* experts,
+    const float* scale, const float* shift, const float* weights, const float* bias,
+    const float* norms, int64_t n_tokens, int64_t n_active, int64_t block_size,
+    int64_t k, float* values, int64_t* latents, int64_t n_threads) {
+  const ExpertEpilogue epilogue{grouped_pre, grouped_row, experts, scale, shift,
+                                weights, bias, norms, n_active, block_size};
+  const int64_t n_cols = n_active * block_size;
+#pragma omp parallel num_threads(static_cast<int>(n_threads))
+  {
+    std::vector<float> row(n_cols);
+    std::vector<uint32_t> keys(n_cols);
+    std::vector<uint64_t> above(n_cols);
+    std::vector<int64_t> positions(k);
+#pragma omp for schedule(static)
+    for (int64_t token = 0; token < n_tokens; ++token) {
+      token_candidates(epilogue, token, row.data());
+      top_k_of_row(row.data(), n_cols, k, keys, above, positions.data());
+      for (int64_t slot = 0; slot < k; ++slot) {
+        const int64_t position = positions[slot];
+        const int64_t expert = experts[token * n_active + position / block_size];
+        values[token * k + slot] = row[position];
+        latents[token * k + slot] = expert * block_size + position % block_size;
+      }
+    }
+  }
+}
