@@ -151,7 +151,7 @@ class _GroupedExpertEncoder(torch.autograd.Function):
                 torch.mean(block, dim=1, out=block_means[:, expert])
         ctx.save_for_backward(grouped_in, W_enc, pair_order)
         ctx.counts = counts
-        ctx.n_tokens = sae_in.shape[0]
+        ctx.n_tokens, ctx.n_active = experts.shape
         pair_out = torch.empty_like(grouped_out).index_copy_(0, pair_order, grouped_out)
         return pair_out.view(sae_in.shape[0], n_active * block_size), block_means
 
@@ -182,9 +182,8 @@ class _GroupedExpertEncoder(torch.autograd.Function):
                 block = W_enc[:, expert * block_size : (expert + 1) * block_size]
                 if rows.stop > rows.start:
                     torch.mm(grouped_grad[rows], block.T, out=grouped_grad_in[rows])
-            n_active = pair_order.numel() // ctx.n_tokens
             grad_in = grouped_grad_in.new_zeros(ctx.n_tokens, grouped_in.shape[1])
-            grad_in.index_add_(0, pair_order // n_active, grouped_grad_in)
+            grad_in.index_add_(0, pair_order // ctx.n_active, grouped_grad_in)
         return grad_in, grad_W, None, None, None
 
 
@@ -264,7 +263,7 @@ def selected_expert_pre(
     raw, block_means = _GroupedExpertEncoder.apply(
         sae_in, W_enc, experts, n_experts, scaling is not None
     )
-    pre = raw.view(*experts.shape, -1)
+    pre = raw.view(*experts.shape, W_enc.shape[1] // n_experts)
     if scaling is not None:
         # (1 + omega) (W_i x) - omega (a_i . x): Feature Scaling without materialising W^_i
         anchors = (
@@ -332,16 +331,20 @@ def _grouped_matmuls(
     n_experts = routing.probs.shape[1]
     block_size = W_enc.shape[1] // n_experts
     pair_order, counts = _group_pairs(routing.experts, n_experts)
-    grouped_in = sae_in.index_select(0, pair_order // n_active)  # [pairs, d_in]
-    pre = grouped_in.new_empty(grouped_in.shape[0], block_size)
+    token_of_pair = pair_order // n_active
+    pre = sae_in.new_empty(pair_order.numel(), block_size)
+    # one expert's inputs at a time, in a buffer that stays in cache
+    expert_in = sae_in.new_empty(max(counts), sae_in.shape[1])
     expert_rows = [
         (expert, rows)
         for expert, rows in _expert_rows(counts)
         if rows.stop > rows.start
     ]
     for expert, rows in expert_rows:
+        inputs = expert_in[: rows.stop - rows.start]
+        torch.index_select(sae_in, 0, token_of_pair[rows], out=inputs)
         latents = slice(expert * block_size, (expert + 1) * block_size)
-        torch.mm(grouped_in[rows], W_enc[:, latents], out=pre[rows])
+        torch.mm(inputs, W_enc[:, latents], out=pre[rows])
     row_of_pair = torch.empty_like(pair_order)
     row_of_pair[pair_order] = torch.arange(pair_order.numel(), device=sae_in.device)
     return _GroupedPre(
@@ -395,7 +398,8 @@ def _weighted_candidates(
             out.mul_(epilogue.norms[latents])
         # weights are >= 0, so weighting before the ReLU gives the same values
         out.mul_(weights[rows]).relu_()
-    return grouped.pre[grouped.row_of_pair.flatten()].view(experts.shape[0], -1)
+    candidates = grouped.pre[grouped.row_of_pair.flatten()]
+    return candidates.view(experts.shape[0], experts.shape[1] * block_size)
 
 
 def candidate_latents(experts: torch.Tensor, block_size: int) -> torch.Tensor:

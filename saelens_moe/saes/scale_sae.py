@@ -569,7 +569,8 @@ def _sparse_code(
     sae: AnyScaleSAE, x: torch.Tensor, scaling: FeatureScaling | None
 ) -> SparseCode:
     (values, latents), leading = _routed_code(sae, x, scaling)
-    return SparseCode(values.view(*leading, -1), latents.view(*leading, -1))
+    k = values.shape[-1]
+    return SparseCode(values.view(*leading, k), latents.view(*leading, k))
 
 
 def _dense_feature_acts(

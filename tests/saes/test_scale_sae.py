@@ -451,6 +451,24 @@ def test_encode_sparse_is_encode_without_the_zeros(tmp_path: Path) -> None:
             torch.testing.assert_close(model(x), graph_out)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("with_graph", [True, False])
+def test_an_empty_batch_gives_empty_outputs(dtype: str, with_graph: bool) -> None:
+    sae = make_sae(dtype=dtype)
+    x = torch.empty(0, 3, D_IN, dtype=getattr(torch, dtype), requires_grad=with_graph)
+    with torch.set_grad_enabled(with_graph):
+        values, latents = sae.encode_sparse(x)
+        assert values.shape == latents.shape == (0, 3, sae.cfg.k)
+        assert sae.encode(x).shape == (0, 3, D_SAE)
+        out = sae(x)
+    assert out.shape == x.shape
+    if with_graph:
+        out.sum().backward()
+        assert x.grad is not None
+        assert sae.W_enc.grad is not None
+        assert not sae.W_enc.grad.any()
+
+
 def test_auxk_trains_dead_latents_at_their_weighted_scale() -> None:
     """AuxK reconstructs from w * pre, the value a latent competes with in the Top-K."""
     sae = make_sae(expert_weighting="probs", k=2, aux_loss_coefficient=1.0)
