@@ -9,7 +9,8 @@
 //
 // Per row: split the row into k groups; the smallest group maximum t is a value at
 // least k entries reach, so every entry of the top k is >= t. Entries above t are
-// usually a small share of the row, and only those go through a selection.
+// usually a small share of the row (about 1/6 of 768 ReLU candidates), and only
+// those go through a branch-free quickselect.
 
 #include <algorithm>
 #include <cstdint>
@@ -38,9 +39,56 @@ int64_t position_of(uint64_t packed) {
   return UINT32_MAX - static_cast<uint32_t>(packed);
 }
 
-void top_k_of_row(const float* values, int64_t n_cols, int64_t k,
-                  std::vector<uint32_t>& keys, std::vector<uint64_t>& above,
+// Moves the k largest of n distinct entries to entries[0..k); scratch holds n.
+// Quickselect whose partition sends each entry to one end or the other without
+// a branch, ping-ponging between the two arrays; std::nth_element finishes if
+// pivots keep failing.
+void select_largest(uint64_t* entries, int64_t n, int64_t k, uint64_t* scratch) {
+  uint64_t* from = entries;
+  uint64_t* to = scratch;
+  int64_t chosen = 0;     // from[0..chosen) are among the k largest
+  int64_t remaining = n;  // candidates for the rest: from[chosen..chosen + remaining)
+  for (int round = 0; remaining > k - chosen && round < 64; ++round) {
+    const uint64_t* window = from + chosen;
+    const uint64_t a = window[0], b = window[remaining / 2], c = window[remaining - 1];
+    const uint64_t pivot = std::max(std::min(a, b), std::min(std::max(a, b), c));
+    int64_t low = chosen, high = chosen + remaining - 1;
+    for (int64_t i = 0; i < remaining; ++i) {
+      const uint64_t candidate = window[i];
+      const bool above = candidate > pivot;
+      to[low] = candidate;
+      to[high] = candidate;
+      low += above;
+      high -= !above;
+    }
+    std::copy(from, from + chosen, to);
+    std::swap(from, to);
+    const int64_t n_above = low - chosen;
+    if (n_above >= k - chosen) {
+      remaining = n_above;  // the rest of the k lie above the pivot
+    } else {
+      chosen = low;  // all of those above are in; look below for the rest
+      remaining -= n_above;
+    }
+  }
+  if (remaining > k - chosen) {
+    std::nth_element(from + chosen, from + (k - 1), from + chosen + remaining,
+                     std::greater<uint64_t>());
+  }
+  if (from != entries) std::copy(from, from + k, entries);
+}
+
+struct RowBuffers {
+  explicit RowBuffers(int64_t n_cols) : keys(n_cols), above(n_cols), scratch(n_cols) {}
+  std::vector<uint32_t> keys;
+  std::vector<uint64_t> above;
+  std::vector<uint64_t> scratch;
+};
+
+void top_k_of_row(const float* values, int64_t n_cols, int64_t k, RowBuffers& buffers,
                   int64_t* positions) {
+  uint32_t* keys = buffers.keys.data();
+  uint64_t* above = buffers.above.data();
   for (int64_t column = 0; column < n_cols; ++column) keys[column] = order_key(values[column]);
   const int64_t group_size = n_cols / k;  // at least k groups
   uint32_t bound = UINT32_MAX;  // min over groups of the group maximum
@@ -56,8 +104,7 @@ void top_k_of_row(const float* values, int64_t n_cols, int64_t k,
     n_above += keys[column] > bound;
   }
   if (n_above >= k) {
-    std::nth_element(above.begin(), above.begin() + (k - 1), above.begin() + n_above,
-                     std::greater<uint64_t>());
+    select_largest(above, n_above, k, buffers.scratch.data());
     for (int64_t slot = 0; slot < k; ++slot) positions[slot] = position_of(above[slot]);
     return;
   }
@@ -114,11 +161,10 @@ extern "C" void top_k_positions(const float* matrix, int64_t n_rows,
                                 int64_t n_threads) {
 #pragma omp parallel num_threads(static_cast<int>(n_threads))
   {
-    std::vector<uint32_t> keys(n_cols);
-    std::vector<uint64_t> above(n_cols);
+    RowBuffers buffers(n_cols);
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < n_rows; ++row) {
-      top_k_of_row(matrix + row * n_cols, n_cols, k, keys, above, positions + row * k);
+      top_k_of_row(matrix + row * n_cols, n_cols, k, buffers, positions + row * k);
     }
   }
 }
@@ -134,13 +180,12 @@ extern "C" void selected_expert_top_k(
 #pragma omp parallel num_threads(static_cast<int>(n_threads))
   {
     std::vector<float> row(n_cols);
-    std::vector<uint32_t> keys(n_cols);
-    std::vector<uint64_t> above(n_cols);
+    RowBuffers buffers(n_cols);
     std::vector<int64_t> positions(k);
 #pragma omp for schedule(static)
     for (int64_t token = 0; token < n_tokens; ++token) {
       token_candidates(epilogue, token, row.data());
-      top_k_of_row(row.data(), n_cols, k, keys, above, positions.data());
+      top_k_of_row(row.data(), n_cols, k, buffers, positions.data());
       for (int64_t slot = 0; slot < k; ++slot) {
         const int64_t position = positions[slot];
         const int64_t expert = experts[token * n_active + position / block_size];

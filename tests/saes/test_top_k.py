@@ -44,6 +44,10 @@ def rows_of(kind: str, n_rows: int, n_cols: int) -> torch.Tensor:
         return values.mul(2).round()
     if kind == "relu":
         return values.relu()
+    if kind == "sorted":  # ascending and descending rows: hard cases for pivots
+        ordered = values.sort(dim=1).values
+        ordered[::2] = ordered[::2].flip(1)
+        return ordered
     if kind == "special":
         values[values > 1.5] = float("nan")
         values[values < -2.0] = -float("nan")  # sign bit set
@@ -64,7 +68,7 @@ def assert_selects_topk_values(
     torch.testing.assert_close(chosen, expected, rtol=0, atol=0, equal_nan=True)
 
 
-@pytest.mark.parametrize("kind", ["normal", "ties", "relu", "special"])
+@pytest.mark.parametrize("kind", ["normal", "ties", "relu", "sorted", "special"])
 @pytest.mark.parametrize(
     ("n_cols", "k"), [(1, 1), (7, 3), (64, 2), (768, 32), (100, 100), (33, 32)]
 )
