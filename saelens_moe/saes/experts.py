@@ -18,7 +18,6 @@ from saelens_moe.saes.top_k import (
     compiled_expert_top_k,
     top_k_positions,
 )
-from saelens_moe.saes.zeros import big_zeros
 
 ExpertWeighting = Literal["softmax_of_probs", "renormalized", "probs", "uniform"]
 EXPERT_WEIGHTINGS: tuple[str, ...] = get_args(ExpertWeighting)
@@ -168,11 +167,13 @@ class _GroupedExpertEncoder(torch.autograd.Function):
             grouped_grad = grad_out.reshape(-1, block_size).index_select(0, pair_order)
         grad_W = None
         if ctx.needs_input_grad[1]:
-            grad_W = big_zeros(W_enc.shape, like=W_enc)
+            grad_W = torch.empty_like(W_enc)
             for expert, rows in _expert_rows(ctx.counts):
                 block = grad_W[:, expert * block_size : (expert + 1) * block_size]
                 if rows.stop > rows.start:
                     torch.mm(grouped_in[rows].T, grouped_grad[rows], out=block)
+                else:
+                    block.zero_()
                 if grad_means is not None:  # d mean / d column = 1 / m
                     block.add_(grad_means[:, expert, None] / block_size)
         grad_in = None
@@ -443,7 +444,7 @@ def scatter_to_dense(
     values: torch.Tensor, latents: torch.Tensor, d_sae: int
 ) -> torch.Tensor:
     """Place per-token values at their latent indices in a zero [tokens, d_sae] tensor."""
-    dense = big_zeros((values.shape[0], d_sae), like=values)
+    dense = values.new_zeros(values.shape[0], d_sae)
     return dense.scatter_(1, latents, values)
 
 
