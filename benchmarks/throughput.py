@@ -556,8 +556,9 @@ def main() -> None:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     candidates, matmul_s = measure(sizes, args.reps, with_memory=not args.no_memory)
+    curve_reps = 2 * args.reps + 1  # page-fault noise on a VM: medians need more
     curves = {
-        allocator: scaling_curve_in_subprocess(args.quick, args.reps, env)
+        allocator: scaling_curve_in_subprocess(args.quick, curve_reps, env)
         for allocator, env in ALLOCATORS.items()
     }
     rows = summarise(sizes, candidates, matmul_s)
@@ -569,6 +570,7 @@ def main() -> None:
     (args.output_dir / f"{stem}.md").write_text(table + "\n")
     result = {
         "sizes": asdict(sizes),
+        "repetitions": {"candidates": args.reps, "scaling_curve": curve_reps},
         "machine": machine() | {"load_average_at_start": load_before},
         "rows": rows,
         "scaling_curve": curves["default"],
