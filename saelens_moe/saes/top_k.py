@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from torch.profiler import record_function
 
 KERNEL_SWITCH = "SAELENS_MOE_KERNELS"
 """Environment variable; "0" makes every Top-K use `torch.topk`."""
@@ -45,9 +46,10 @@ def top_k_positions(candidates: torch.Tensor, k: int) -> torch.Tensor:
     matrix = candidates.contiguous()
     n_rows, n_cols = matrix.shape
     positions = torch.empty(n_rows, k, dtype=torch.long)
-    library.top_k_positions(
-        _address(matrix), n_rows, n_cols, k, _address(positions), _threads()
-    )
+    with record_function("saelens_moe::top_k_positions"):  # visible in profiles
+        library.top_k_positions(
+            _address(matrix), n_rows, n_cols, k, _address(positions), _threads()
+        )
     return positions
 
 
@@ -75,8 +77,9 @@ def compiled_expert_top_k(
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(values, global latents) of each token's top k candidates, or None without the kernel.
 
-    The candidate of latent j of slot s is epilogue-applied grouped_pre[grouped_row[t, s], j],
-    exactly as `selected_expert_candidates` computes it; each [tokens, k].
+    The candidate of latent j of slot s is grouped_pre[grouped_row[t, s], j] through
+    the epilogue, in the order `experts._weighted_candidates` applies it; each
+    [tokens, k].
     """
     n_tokens, n_active = experts.shape
     block_size = grouped_pre.shape[1]
@@ -92,24 +95,25 @@ def compiled_expert_top_k(
     )
     if library is None:
         return None
-    values = torch.empty(n_tokens, k)
+    values = torch.empty(n_tokens, k, dtype=torch.float32)
     latents = torch.empty(n_tokens, k, dtype=torch.long)
-    library.selected_expert_top_k(
-        _address(grouped_pre),
-        _address(grouped_row),
-        _address(experts),
-        *(_address(tensor) for tensor in optional[:2]),
-        _address(epilogue.weights),
-        _address(epilogue.bias),
-        _address(epilogue.norms),
-        n_tokens,
-        n_active,
-        block_size,
-        k,
-        _address(values),
-        _address(latents),
-        _threads(),
-    )
+    with record_function("saelens_moe::selected_expert_top_k"):  # visible in profiles
+        library.selected_expert_top_k(
+            _address(grouped_pre),
+            _address(grouped_row.contiguous()),
+            _address(experts.contiguous()),
+            *(_address(tensor) for tensor in optional[:2]),
+            _address(epilogue.weights),
+            _address(epilogue.bias),
+            _address(epilogue.norms),
+            n_tokens,
+            n_active,
+            block_size,
+            k,
+            _address(values),
+            _address(latents),
+            _threads(),
+        )
     return values, latents
 
 

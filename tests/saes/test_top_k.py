@@ -198,3 +198,20 @@ def test_float32_encode_with_experts_that_receive_no_tokens(kernel: str) -> None
         fused = sae.encode(x)
     assert not fused.view(24, 5, 16)[:, [1, 3]].any()
     torch.testing.assert_close(fused, reference_encode(sae, x))
+
+
+def test_a_float32_sae_under_a_float64_default_dtype(kernel: str) -> None:
+    sae = make_sae(n_active_experts=2, dtype="float32")
+    x = torch.randn(16, sae.cfg.d_in)
+    expected = reference_encode(sae, x)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.no_grad():
+            values, latents = sae.encode_sparse(x)
+    finally:
+        torch.set_default_dtype(previous)
+    assert values.dtype == torch.float32
+    torch.testing.assert_close(
+        scatter_to_dense(values, latents, sae.cfg.d_sae), expected
+    )
