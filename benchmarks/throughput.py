@@ -363,27 +363,28 @@ def summarise(
         if candidate.error is None:
             encode = statistics.median(candidate.encode_s)
             step = statistics.median(candidate.step_s)
-            fastest_encode = (
+            # the encoder's own rate: without the dense output where there is a choice
+            routed_encode = (
                 statistics.median(candidate.encode_sparse_s)
                 if candidate.encode_sparse_s
                 else encode
             )
             row |= {
                 "encode_tok_s": sizes.batch / encode,
-                "encode_sparse_tok_s": sizes.batch / fastest_encode
+                "encode_sparse_tok_s": sizes.batch / routed_encode
                 if candidate.encode_sparse_s
                 else None,
                 "step_tok_s": sizes.batch / step,
                 "step_speedup_vs_topk": statistics.median(topk.step_s) / step,
                 "encode_speedup_vs_topk": statistics.median(topk.encode_s) / encode,
                 "encode_sparse_speedup_vs_topk": statistics.median(topk.encode_s)
-                / fastest_encode
+                / routed_encode
                 if candidate.encode_sparse_s
                 else None,
                 "step_transient_gib": candidate.step_transient_gib,
                 "encoder_gflop_s": candidate.encoder_flops_per_token
                 * sizes.batch
-                / fastest_encode
+                / routed_encode
                 / 1e9,
                 "matmul_gflop_s": matmul_gflops,
             }
@@ -433,7 +434,7 @@ def markdown(
         "",
         f"Plain fp32 matmul [batch, d_in] @ [d_in, d_sae], best of the run: "
         f"{matmul:.1f} GFLOP/s (the 'of matmul rate' reference).",
-        f"Row Top-K: {'compiled kernel' if top_k_kernel_loaded() else 'torch.topk'}.",
+        f"Row Top-K: {'compiled kernel' if top_k.kernel_in_use() else 'torch.topk'}.",
     ]
     header = "| d_sae | N |"
     for allocator in curves:
@@ -485,11 +486,6 @@ def plot_curves(curves: dict[str, list[dict[str, float]]], path: Path) -> None:
     plt.close(figure)
 
 
-def top_k_kernel_loaded() -> bool:
-    """Whether the Scale SAE's Top-K ran as the compiled kernel (see saes/top_k.py)."""
-    return top_k.kernel_enabled() and top_k._compiled_library() is not None
-
-
 def machine() -> dict[str, Any]:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
@@ -497,7 +493,7 @@ def machine() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "top_k": "compiled kernel" if top_k_kernel_loaded() else "torch.topk",
+        "top_k": "compiled kernel" if top_k.kernel_in_use() else "torch.topk",
         "load_average_at_end": load,
     }
 

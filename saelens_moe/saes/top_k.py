@@ -124,6 +124,11 @@ def kernel_enabled() -> bool:
     return os.environ.get(KERNEL_SWITCH, "1") != "0"
 
 
+def kernel_in_use() -> bool:
+    """Whether float32 CPU Top-Ks run as the compiled kernel here (building it if needed)."""
+    return kernel_enabled() and _compiled_library() is not None
+
+
 def _kernel_handles(candidates: torch.Tensor, k: int) -> bool:
     return (
         kernel_enabled()
