@@ -328,6 +328,7 @@ class _GroupedPre(NamedTuple):
 def _grouped_matmuls(
     sae_in: torch.Tensor, routing: Routing, W_enc: torch.Tensor
 ) -> _GroupedPre:
+    """x @ W_enc[:, block] for every (token, selected expert) pair, one matmul per expert."""
     n_tokens, n_active = routing.experts.shape
     n_experts = routing.probs.shape[1]
     block_size = W_enc.shape[1] // n_experts
@@ -361,6 +362,7 @@ def _expert_epilogue(
     scaling: FeatureScaling | None,
     decoder_norms: torch.Tensor | None,
 ) -> ExpertEpilogue:
+    """The per-pair and per-latent factors between the matmuls and the candidates."""
     scale, shift = None, None
     if scaling is not None:  # (1 + omega) (W_i x) - omega (a_i . x)
         anchors = feature_scaling_anchors(W_enc, scaling, routing.probs.shape[1])
