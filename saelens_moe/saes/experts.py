@@ -369,13 +369,7 @@ def _expert_epilogue(
         omega = scaling.omega[routing.experts]  # [tokens, e]
         anchor_dot = (sae_in @ anchors).gather(1, routing.experts)  # [tokens, e]
         scale, shift = 1 + omega, omega * anchor_dot
-    return ExpertEpilogue(
-        scale,
-        shift,
-        routing.weights.contiguous(),
-        b_enc.contiguous(),
-        None if decoder_norms is None else decoder_norms.contiguous(),
-    )
+    return ExpertEpilogue(scale, shift, routing.weights, b_enc, decoder_norms)
 
 
 def _weighted_candidates(

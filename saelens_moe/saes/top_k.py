@@ -56,7 +56,10 @@ def top_k_positions(candidates: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class ExpertEpilogue(NamedTuple):
-    """What turns the selected experts' matmul outputs into weighted ReLU candidates."""
+    """What turns the selected experts' matmul outputs into weighted ReLU candidates.
+
+    Fields in the order `selected_expert_top_k` in the kernel takes them.
+    """
 
     scale: torch.Tensor | None
     """Feature Scaling's (1 + omega) per (token, slot), or None. [tokens, e]"""
@@ -99,15 +102,14 @@ def compiled_expert_top_k(
         return None
     values = torch.empty(n_tokens, k, dtype=torch.float32)
     latents = torch.empty(n_tokens, k, dtype=torch.long)
+    # contiguous copies are bound here, so they outlive the call that reads them
+    inputs = [
+        None if tensor is None else tensor.contiguous()
+        for tensor in (grouped_pre, grouped_row, experts, *epilogue)
+    ]
     with record_function("saelens_moe::selected_expert_top_k"):  # visible in profiles
         library.selected_expert_top_k(
-            _address(grouped_pre),
-            _address(grouped_row.contiguous()),
-            _address(experts.contiguous()),
-            *(_address(tensor) for tensor in optional[:2]),
-            _address(epilogue.weights),
-            _address(epilogue.bias),
-            _address(epilogue.norms),
+            *(_address(tensor) for tensor in inputs),
             n_tokens,
             n_active,
             block_size,
