@@ -50,7 +50,7 @@ from saelens_moe import (
     SwitchTrainingSAE,
     SwitchTrainingSAEConfig,
 )
-from saelens_moe.saes import top_k
+from saelens_moe.saes import expert_matmuls, kernels
 
 GIB = 1024**3
 ALLOCATORS: dict[str, dict[str, str]] = {
@@ -434,7 +434,8 @@ def markdown(
         "",
         f"Plain fp32 matmul [batch, d_in] @ [d_in, d_sae], best of the run: "
         f"{matmul:.1f} GFLOP/s (the 'of matmul rate' reference).",
-        f"Row Top-K: {'compiled kernel' if top_k.kernel_in_use() else 'torch.topk'}.",
+        f"Row Top-K: {kernel_choices()['top_k']}. "
+        f"Inference expert matmuls: {kernel_choices()['expert_matmuls']}.",
     ]
     header = "| d_sae | N |"
     for allocator in curves:
@@ -486,6 +487,17 @@ def plot_curves(curves: dict[str, list[dict[str, float]]], path: Path) -> None:
     plt.close(figure)
 
 
+def kernel_choices() -> dict[str, str]:
+    """Which implementation of each compiled path ran: the kernel or its PyTorch fallback."""
+    compiled = expert_matmuls.compiled_matmuls_in_use()
+    return {
+        "top_k": "compiled kernel" if kernels.kernel_in_use() else "torch.topk",
+        "expert_matmuls": "compiled loop over PyTorch's MKL sgemm"
+        if compiled
+        else "torch.mm per expert",
+    }
+
+
 def machine() -> dict[str, Any]:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
@@ -493,7 +505,7 @@ def machine() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "top_k": "compiled kernel" if top_k.kernel_in_use() else "torch.topk",
+        **kernel_choices(),
         "load_average_at_end": load,
     }
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from saelens_moe.saes.expert_matmuls import compiled_expert_matmuls
 from saelens_moe.saes.top_k import (
     ExpertEpilogue,
     compiled_expert_top_k,
@@ -331,27 +332,42 @@ def _grouped_matmuls(
     """x @ W_enc[:, block] for every (token, selected expert) pair, one matmul per expert."""
     n_tokens, n_active = routing.experts.shape
     n_experts = routing.probs.shape[1]
-    block_size = W_enc.shape[1] // n_experts
     pair_order, counts = _group_pairs(routing.experts, n_experts)
     token_of_pair = pair_order // n_active
-    pre = sae_in.new_empty(pair_order.numel(), block_size)
-    # one expert's inputs at a time, in a buffer that stays in cache
-    expert_in = sae_in.new_empty(max(counts), sae_in.shape[1])
     expert_rows = [
         (expert, rows)
         for expert, rows in _expert_rows(counts)
         if rows.stop > rows.start
     ]
-    for expert, rows in expert_rows:
-        inputs = expert_in[: rows.stop - rows.start]
-        torch.index_select(sae_in, 0, token_of_pair[rows], out=inputs)
-        latents = slice(expert * block_size, (expert + 1) * block_size)
-        torch.mm(inputs, W_enc[:, latents], out=pre[rows])
+    pre = compiled_expert_matmuls(sae_in, token_of_pair, counts, W_enc)
+    if pre is None:
+        block_size = W_enc.shape[1] // n_experts
+        pre = _expert_matmul_loop(sae_in, token_of_pair, expert_rows, W_enc, block_size)
     row_of_pair = torch.empty_like(pair_order)
     row_of_pair[pair_order] = torch.arange(pair_order.numel(), device=sae_in.device)
     return _GroupedPre(
         pre, pair_order, row_of_pair.view(n_tokens, n_active), expert_rows
     )
+
+
+def _expert_matmul_loop(
+    sae_in: torch.Tensor,
+    token_of_pair: torch.Tensor,
+    expert_rows: list[tuple[int, slice]],
+    W_enc: torch.Tensor,
+    block_size: int,
+) -> torch.Tensor:
+    """What `compiled_expert_matmuls` computes, in PyTorch. [pairs, m]"""
+    pre = sae_in.new_empty(token_of_pair.numel(), block_size)
+    # one expert's inputs at a time, in a buffer that stays in cache
+    busiest = max((rows.stop - rows.start for _, rows in expert_rows), default=0)
+    expert_in = sae_in.new_empty(busiest, sae_in.shape[1])
+    for expert, rows in expert_rows:
+        inputs = expert_in[: rows.stop - rows.start]
+        torch.index_select(sae_in, 0, token_of_pair[rows], out=inputs)
+        latents = slice(expert * block_size, (expert + 1) * block_size)
+        torch.mm(inputs, W_enc[:, latents], out=pre[rows])
+    return pre
 
 
 def _expert_epilogue(

@@ -18,6 +18,14 @@
 #include <functional>
 #include <vector>
 
+// The per-row loops, compiled for AVX-512 and AVX2 as well as the baseline; the
+// loader picks the clone the CPU supports when the library is loaded.
+#if defined(__x86_64__) && defined(__linux__)
+#define CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define CPU_CLONES
+#endif
+
 namespace {
 
 // Unsigned keys that order floats as numbers, with NaN above +inf (and -0 just
@@ -43,7 +51,7 @@ int64_t position_of(uint64_t packed) {
 // Quickselect whose partition sends each entry to one end or the other without
 // a branch, ping-ponging between the two arrays; std::nth_element finishes if
 // pivots keep failing.
-void select_largest(uint64_t* entries, int64_t n, int64_t k, uint64_t* scratch) {
+CPU_CLONES void select_largest(uint64_t* entries, int64_t n, int64_t k, uint64_t* scratch) {
   uint64_t* from = entries;
   uint64_t* to = scratch;
   int64_t chosen = 0;     // from[0..chosen) are among the k largest
@@ -85,7 +93,7 @@ struct RowBuffers {
   std::vector<uint64_t> scratch;
 };
 
-void top_k_of_row(const float* values, int64_t n_cols, int64_t k, RowBuffers& buffers,
+CPU_CLONES void top_k_of_row(const float* values, int64_t n_cols, int64_t k, RowBuffers& buffers,
                   int64_t* positions) {
   uint32_t* keys = buffers.keys.data();
   uint64_t* above = buffers.above.data();
@@ -130,7 +138,7 @@ struct ExpertEpilogue {
 
 // Weighted ReLU candidates of one token, in the order the PyTorch path applies
 // them: Feature Scaling, bias, decoder norm, weight, ReLU.
-void token_candidates(const ExpertEpilogue& epilogue, int64_t token, float* row) {
+CPU_CLONES void token_candidates(const ExpertEpilogue& epilogue, int64_t token, float* row) {
   const int64_t m = epilogue.block_size;
   for (int64_t slot = 0; slot < epilogue.n_active; ++slot) {
     const int64_t pair = token * epilogue.n_active + slot;

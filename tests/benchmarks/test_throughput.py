@@ -41,4 +41,8 @@ def test_throughput_benchmark_quick_run_writes_table_json_and_plot(
         assert [point["d_sae"] for point in report[curve]] == [512, 1024, 2048]
     assert (tmp_path / "throughput_quick_scaling.png").stat().st_size > 0
     assert report["machine"]["top_k"] in {"compiled kernel", "torch.topk"}
+    assert report["machine"]["expert_matmuls"] in {
+        "compiled loop over PyTorch's MKL sgemm",
+        "torch.mm per expert",
+    }
     assert report["repetitions"] == {"candidates": 1, "scaling_curve": 3}

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from saelens_moe import ScaleTrainingSAE, ScaleTrainingSAEConfig
-from saelens_moe.saes import top_k
+from saelens_moe.saes import kernels
 from saelens_moe.saes.experts import EXPERT_WEIGHTINGS, scatter_to_dense
-from saelens_moe.saes.top_k import KERNEL_SWITCH, top_k_positions
+from saelens_moe.saes.kernels import KERNEL_SWITCH
+from saelens_moe.saes.top_k import top_k_positions
 
-HAS_COMPILER = top_k._compiler() is not None
+HAS_COMPILER = kernels.compiler() is not None
 
 
 @pytest.fixture(autouse=True)
@@ -33,9 +34,9 @@ def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
 def fresh_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """An empty kernel cache and no library loaded yet; restored afterwards."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    top_k._compiled_library.cache_clear()
+    kernels.compiled_library.cache_clear()
     yield
-    top_k._compiled_library.cache_clear()
+    kernels.compiled_library.cache_clear()
 
 
 def rows_of(kind: str, n_rows: int, n_cols: int) -> torch.Tensor:
@@ -93,8 +94,8 @@ def test_the_kernel_keeps_the_lowest_positions_among_equal_values() -> None:
 
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler on this machine")
 def test_the_kernel_builds_and_loads_where_a_compiler_exists(fresh_build: None) -> None:
-    assert top_k.kernel_in_use()
-    assert len(list((top_k._cache_dir()).glob("top_k_rows-*.so"))) == 1
+    assert kernels.kernel_in_use()
+    assert len(list((kernels.cache_dir()).glob("kernels-*.so"))) == 1
 
 
 def test_without_a_compiler_everything_runs_on_torch(
@@ -102,7 +103,7 @@ def test_without_a_compiler_everything_runs_on_torch(
 ) -> None:
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     rows = torch.randn(20, 30)
-    assert top_k._compiled_library() is None
+    assert kernels.compiled_library() is None
     assert torch.equal(top_k_positions(rows, 4), rows.topk(4, sorted=False).indices)
     sae = make_sae(n_active_experts=2, feature_scaling=True)
     x = torch.randn(16, sae.cfg.d_in)
@@ -114,10 +115,10 @@ def test_a_failed_build_falls_back_and_logs_the_compiler_error(
     fresh_build: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv("CXX", "false")  # exists, always fails
-    with caplog.at_level(logging.WARNING, logger=top_k.__name__):
-        assert top_k._compiled_library() is None
-    assert "compiling the Top-K kernel failed" in caplog.text
-    assert not list(top_k._cache_dir().glob("top_k_rows-*.so"))  # nothing half-written
+    with caplog.at_level(logging.WARNING, logger=kernels.__name__):
+        assert kernels.compiled_library() is None
+    assert "compiling the kernels failed" in caplog.text
+    assert not list(kernels.cache_dir().glob("kernels-*.so"))  # nothing half-written
     rows = torch.randn(5, 9)
     assert_selects_topk_values(rows, top_k_positions(rows, 2), 2)
 
@@ -127,7 +128,7 @@ def test_the_switch_keeps_the_kernel_unloaded(monkeypatch: pytest.MonkeyPatch) -
         raise AssertionError("the kernel was consulted with the switch off")
 
     monkeypatch.setenv(KERNEL_SWITCH, "0")
-    monkeypatch.setattr(top_k, "_compiled_library", refuse)
+    monkeypatch.setattr(kernels, "compiled_library", refuse)
     rows = torch.randn(6, 11)
     assert torch.equal(top_k_positions(rows, 3), rows.topk(3, sorted=False).indices)
     sae = make_sae(n_active_experts=2)
