@@ -293,10 +293,11 @@ def selected_expert_code(
 
     The candidates are what `selected_expert_pre` followed by decoder-norm
     rescaling, ReLU and expert weighting gives. Each expert's matmul covers only
-    its own tokens; the epilogue and the Top-K then run per token in one pass of
-    the compiled kernel (`top_k.py`) or, without it, per expert block while it is
-    in cache, followed by `keep_top_k`. Like the differentiable path, the experts
-    compute in the weights' dtype under autocast.
+    its own tokens (one compiled loop, `expert_matmuls.py`, or a PyTorch loop); the
+    epilogue and the Top-K then run per token in one pass of the compiled kernel
+    (`top_k.py`) or, without it, per expert block while it is in cache, followed by
+    `keep_top_k`. Like the differentiable path, the experts compute in the weights'
+    dtype under autocast.
     """
     with torch.autocast(device_type=W_enc.device.type, enabled=False):
         sae_in = sae_in.to(W_enc.dtype)
