@@ -1,4 +1,5 @@
-// The selected experts' encoder matmuls for inference, as one loop in C++.
+// Grouping (token, slot) pairs by expert, and the selected experts' encoder
+// matmuls for inference as one loop in C++.
 //
 // For each expert in turn: its tokens' inputs are gathered into one buffer that
 // stays in cache, then multiplied by the expert's encoder block with the BLAS
@@ -62,4 +63,30 @@ extern "C" void gathered_expert_matmuls(
                      pre + first_pair * block_size, block_size);
     first_pair += n_pairs;
   }
+}
+
+// A stable counting sort of the (token, slot) pairs by expert: pair_order[row] is
+// the flat pair in each grouped row, row_of_pair its inverse, counts the pairs of
+// each expert. Returns -1 if an expert is out of range (the outputs are then unusable).
+extern "C" int64_t group_pairs(const int64_t* experts, int64_t n_pairs, int64_t n_experts,
+                               int64_t* pair_order, int64_t* row_of_pair,
+                               int64_t* counts) {
+  std::fill(counts, counts + n_experts, 0);
+  for (int64_t pair = 0; pair < n_pairs; ++pair) {
+    const int64_t expert = experts[pair];
+    if (expert < 0 || expert >= n_experts) return -1;
+    ++counts[expert];
+  }
+  std::vector<int64_t> next_row(static_cast<size_t>(n_experts));
+  int64_t first_row = 0;
+  for (int64_t expert = 0; expert < n_experts; ++expert) {
+    next_row[expert] = first_row;
+    first_row += counts[expert];
+  }
+  for (int64_t pair = 0; pair < n_pairs; ++pair) {
+    const int64_t row = next_row[experts[pair]]++;
+    pair_order[row] = pair;
+    row_of_pair[pair] = row;
+  }
+  return 0;
 }

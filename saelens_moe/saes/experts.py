@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from saelens_moe.saes.expert_matmuls import compiled_expert_matmuls
+from saelens_moe.saes.expert_matmuls import compiled_expert_matmuls, group_pairs
 from saelens_moe.saes.top_k import (
     ExpertEpilogue,
     compiled_expert_top_k,
@@ -137,7 +137,7 @@ class _GroupedExpertEncoder(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         n_active = experts.shape[1]
         block_size = W_enc.shape[1] // n_experts
-        pair_order, counts = _group_pairs(experts, n_experts)
+        pair_order, counts, _ = group_pairs(experts, n_experts)
         grouped_in = sae_in.index_select(0, pair_order // n_active)  # [pairs, d_in]
         grouped_out = grouped_in.new_empty(grouped_in.shape[0], block_size)
         block_means = W_enc.new_empty(
@@ -187,15 +187,6 @@ class _GroupedExpertEncoder(torch.autograd.Function):
             grad_in = grouped_grad_in.new_zeros(ctx.n_tokens, grouped_in.shape[1])
             grad_in.index_add_(0, pair_order // ctx.n_active, grouped_grad_in)
         return grad_in, grad_W, None, None, None
-
-
-def _group_pairs(
-    experts: torch.Tensor, n_experts: int
-) -> tuple[torch.Tensor, list[int]]:
-    """(token, slot) pairs in expert order, and how many pairs each expert has."""
-    flat = experts.reshape(-1)
-    counts = torch.bincount(flat, minlength=n_experts).tolist()
-    return flat.argsort(stable=True), counts
 
 
 def _expert_rows(counts: list[int]) -> list[tuple[int, slice]]:
@@ -333,7 +324,7 @@ def _grouped_matmuls(
     """x @ W_enc[:, block] for every (token, selected expert) pair, one matmul per expert."""
     n_tokens, n_active = routing.experts.shape
     n_experts = routing.probs.shape[1]
-    pair_order, counts = _group_pairs(routing.experts, n_experts)
+    pair_order, counts, row_of_pair = group_pairs(routing.experts, n_experts)
     token_of_pair = pair_order // n_active
     expert_rows = [
         (expert, rows)
@@ -344,8 +335,6 @@ def _grouped_matmuls(
     if pre is None:
         block_size = W_enc.shape[1] // n_experts
         pre = _expert_matmul_loop(sae_in, token_of_pair, expert_rows, W_enc, block_size)
-    row_of_pair = torch.empty_like(pair_order)
-    row_of_pair[pair_order] = torch.arange(pair_order.numel(), device=sae_in.device)
     return _GroupedPre(
         pre, pair_order, row_of_pair.view(n_tokens, n_active), expert_rows
     )

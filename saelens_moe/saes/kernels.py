@@ -91,11 +91,12 @@ def compiled_library() -> ctypes.CDLL | None:
             pointer,  # out
             size,  # threads
         ],
+        "group_pairs": [pointer, size, size, pointer, pointer, pointer],
     }
     for name, argtypes in signatures.items():
         function = getattr(library, name)
         function.argtypes = argtypes
-        function.restype = None
+        function.restype = size if name == "group_pairs" else None
     return library
 
 

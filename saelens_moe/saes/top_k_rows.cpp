@@ -136,8 +136,9 @@ struct ExpertEpilogue {
   int64_t block_size;
 };
 
-// Weighted ReLU candidates of one token, in the order the PyTorch path applies
-// them: Feature Scaling, bias, decoder norm, weight, ReLU.
+// Weighted ReLU candidates of one token, in one pass per slot with the operations
+// in the order the PyTorch path applies them: Feature Scaling, bias, decoder norm,
+// weight, ReLU. Without Feature Scaling, x * 1 - 0 leaves every value as it was.
 CPU_CLONES void token_candidates(const ExpertEpilogue& epilogue, int64_t token, float* row) {
   const int64_t m = epilogue.block_size;
   for (int64_t slot = 0; slot < epilogue.n_active; ++slot) {
@@ -145,20 +146,20 @@ CPU_CLONES void token_candidates(const ExpertEpilogue& epilogue, int64_t token, 
     const float* pre = epilogue.grouped_pre + epilogue.grouped_row[pair] * m;
     const int64_t first_latent = epilogue.experts[pair] * m;
     const float* bias = epilogue.bias + first_latent;
+    const float scale = epilogue.scale != nullptr ? epilogue.scale[pair] : 1.0f;
+    const float shift = epilogue.shift != nullptr ? epilogue.shift[pair] : 0.0f;
     const float weight = epilogue.weights[pair];
     float* out = row + slot * m;
-    for (int64_t j = 0; j < m; ++j) out[j] = pre[j];
-    if (epilogue.scale != nullptr) {
-      const float scale = epilogue.scale[pair];
-      const float shift = epilogue.shift[pair];
-      for (int64_t j = 0; j < m; ++j) out[j] = out[j] * scale - shift;
-    }
-    for (int64_t j = 0; j < m; ++j) out[j] += bias[j];
     if (epilogue.norms != nullptr) {
       const float* norms = epilogue.norms + first_latent;
-      for (int64_t j = 0; j < m; ++j) out[j] *= norms[j];
+      for (int64_t j = 0; j < m; ++j) {
+        out[j] = std::max((pre[j] * scale - shift + bias[j]) * norms[j] * weight, 0.0f);
+      }
+    } else {
+      for (int64_t j = 0; j < m; ++j) {
+        out[j] = std::max((pre[j] * scale - shift + bias[j]) * weight, 0.0f);
+      }
     }
-    for (int64_t j = 0; j < m; ++j) out[j] = std::max(out[j] * weight, 0.0f);
   }
 }
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from saelens_moe.saes import expert_matmuls, kernels
-from saelens_moe.saes.expert_matmuls import compiled_expert_matmuls
-from saelens_moe.saes.experts import _expert_matmul_loop, _expert_rows, _group_pairs
+from saelens_moe.saes.expert_matmuls import compiled_expert_matmuls, group_pairs
+from saelens_moe.saes.experts import _expert_matmul_loop, _expert_rows
 
 # where these hold, the compiled matmuls must run; a failed self-check is a failure
 COMPILABLE = kernels.compiler() is not None and torch.backends.mkl.is_available()
@@ -37,7 +37,7 @@ class Problem:
         scores = torch.rand(n_tokens, n_experts)
         scores[:, list(unused_experts)] = -1.0
         experts = scores.topk(n_active, dim=1).indices
-        pair_order, self.counts = _group_pairs(experts, n_experts)
+        pair_order, self.counts, _ = group_pairs(experts, n_experts)
         self.token_of_pair = pair_order // n_active
         self.expert_of_pair = experts.flatten()[pair_order]
 
@@ -164,3 +164,37 @@ def test_a_blas_that_disagrees_with_torch_mm_is_not_used(
     with caplog.at_level(logging.WARNING, logger=expert_matmuls.__name__):
         assert not expert_matmuls.compiled_matmuls_in_use()
     assert "disagrees with torch.mm" in caplog.text
+
+
+def torch_groups(experts: torch.Tensor, n_experts: int) -> expert_matmuls.PairGroups:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(kernels.KERNEL_SWITCH, "0")
+        return group_pairs(experts, n_experts)
+
+
+@pytest.mark.parametrize(
+    ("n_tokens", "n_active", "n_experts"),
+    [(300, 2, 8), (1, 1, 3), (0, 2, 4), (50, 5, 5)],
+)
+def test_group_pairs_is_a_stable_grouping_by_expert(
+    n_tokens: int, n_active: int, n_experts: int
+) -> None:
+    experts = torch.rand(n_tokens, n_experts).topk(n_active, dim=1).indices
+    groups = group_pairs(experts, n_experts)
+    flat = experts.flatten()
+    assert groups.counts == torch.bincount(flat, minlength=n_experts).tolist()
+    assert bool((flat[groups.order].diff() >= 0).all())  # grouped by expert
+    for expert in range(n_experts):  # token order within each expert
+        assert bool((groups.order[flat[groups.order] == expert].diff() > 0).all())
+    assert torch.equal(groups.order[groups.row_of_pair], torch.arange(flat.numel()))
+    expected = torch_groups(experts, n_experts)
+    assert torch.equal(groups.order, expected.order)
+    assert groups.counts == expected.counts
+    assert torch.equal(groups.row_of_pair, expected.row_of_pair)
+
+
+def test_group_pairs_leaves_experts_out_of_range_to_torch() -> None:
+    experts = torch.tensor([[0, 3], [1, 0]])
+    groups = group_pairs(experts, 2)  # expert 3 does not exist
+    assert groups.counts == torch.bincount(experts.flatten()).tolist()
+    assert torch.equal(groups.order, experts.flatten().argsort(stable=True))

@@ -216,3 +216,31 @@ def test_a_float32_sae_under_a_float64_default_dtype(kernel: str) -> None:
     torch.testing.assert_close(
         scatter_to_dense(values, latents, sae.cfg.d_sae), expected
     )
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler on this machine")
+@pytest.mark.parametrize("n_active_experts", [1, 2, 5])
+@pytest.mark.parametrize("expert_weighting", EXPERT_WEIGHTINGS)
+@pytest.mark.parametrize("feature_scaling", [True, False])
+@pytest.mark.parametrize("rescale_acts_by_decoder_norm", [True, False])
+def test_compiled_and_eager_inference_give_the_same_bits(
+    monkeypatch: pytest.MonkeyPatch,
+    n_active_experts: int,
+    expert_weighting: str,
+    feature_scaling: bool,
+    rescale_acts_by_decoder_norm: bool,
+) -> None:
+    """Same matmuls, same epilogue order, no contraction: only tied picks may differ."""
+    sae = make_sae(
+        n_active_experts=n_active_experts,
+        expert_weighting=expert_weighting,
+        feature_scaling=feature_scaling,
+        rescale_acts_by_decoder_norm=rescale_acts_by_decoder_norm,
+    )
+    x = torch.randn(3, 11, sae.cfg.d_in)
+    outputs = []
+    for switch in ("1", "0"):
+        monkeypatch.setenv(KERNEL_SWITCH, switch)
+        with torch.no_grad():
+            outputs.append(sae.encode(x))
+    assert torch.equal(*outputs)
