@@ -264,10 +264,23 @@ def selected_expert_pre(
             if scaling.W_lowpass is None
             else scaling.W_lowpass @ block_means
         )
-        omega = scaling.omega[experts]  # [tokens, e]
+        omega = per_selected_expert(scaling.omega, experts)  # [tokens, e]
         anchor_dot = (sae_in @ anchors).gather(1, experts)  # [tokens, e]
         pre = (1 + omega)[..., None] * pre - (omega * anchor_dot)[..., None]
-    return pre + b_enc.view(n_experts, -1)[experts]
+    return pre + per_selected_expert(b_enc.view(n_experts, -1), experts)
+
+
+def per_selected_expert(
+    per_expert: torch.Tensor, experts: torch.Tensor
+) -> torch.Tensor:
+    """The rows of `per_expert` [n_experts, ...] of each selected expert. [tokens, e, ...]
+
+    As an index_select, whose backward is an index_add: advanced indexing's
+    backward (an accumulating index_put) took 11 ms of a training step per use at
+    [4096, 2] pairs of [64, 384] rows, against 1 ms.
+    """
+    picked = per_expert.index_select(0, experts.reshape(-1))
+    return picked.view(*experts.shape, *per_expert.shape[1:])
 
 
 @torch.no_grad()
@@ -372,7 +385,7 @@ def _expert_epilogue(
     scale, shift = None, None
     if scaling is not None:  # (1 + omega) (W_i x) - omega (a_i . x)
         anchors = feature_scaling_anchors(W_enc, scaling, routing.probs.shape[1])
-        omega = scaling.omega[routing.experts]  # [tokens, e]
+        omega = per_selected_expert(scaling.omega, routing.experts)  # [tokens, e]
         anchor_dot = (sae_in @ anchors).gather(1, routing.experts)  # [tokens, e]
         scale, shift = 1 + omega, omega * anchor_dot
     return ExpertEpilogue(scale, shift, routing.weights, b_enc, decoder_norms)

@@ -50,6 +50,7 @@ from saelens_moe.saes.experts import (
     init_router,
     keep_top_k,
     load_balancing_loss,
+    per_selected_expert,
     route,
     scatter_to_dense,
     selected_expert_code,
@@ -503,7 +504,9 @@ def _encode_flat(
     )  # [tokens, e, m]
     decoder = _decoder(sae)
     if decoder.norms is not None:
-        pre = pre * decoder.norms.view(cfg.n_experts, -1)[routing.experts]
+        pre = pre * per_selected_expert(
+            decoder.norms.view(cfg.n_experts, -1), routing.experts
+        )
     if _has_hooks(sae.hook_sae_acts_pre):
         pre = _through_dense_hook(
             sae.hook_sae_acts_pre, pre, routing.experts, cfg.d_sae
