@@ -437,6 +437,30 @@ def keep_top_k(
     return SparseCode(values, slot_experts * block_size + positions % block_size)
 
 
+def keep_weighted_top_k(
+    pre: torch.Tensor,  # [tokens, e * m], slot-major
+    weights: torch.Tensor,  # [tokens, e]
+    experts: torch.Tensor,  # [tokens, e]
+    k: int,
+) -> SparseCode:
+    """`keep_top_k` of relu(pre) times each slot's expert weight, differentiable.
+
+    The candidates are built and ranked without autograd; ReLU and weighting are
+    then applied again to the k kept entries only, so backward never runs over
+    the full [tokens, e * m] candidates (same values: the same ops on the same entries).
+    """
+    n_tokens, n_active = experts.shape
+    block_size = pre.shape[1] // n_active
+    with torch.no_grad():
+        blocks = pre.reshape(n_tokens, n_active, block_size).relu()
+        candidates = (blocks * weights[..., None]).view(n_tokens, n_active * block_size)
+        positions = top_k_positions(candidates, k)
+    slots = positions // block_size
+    values = pre.gather(1, positions).relu() * weights.gather(1, slots)
+    latents = experts.gather(1, slots) * block_size + positions % block_size
+    return SparseCode(values, latents)
+
+
 def decode_sparse(code: SparseCode, decoder: Decoder) -> torch.Tensor:
     """sum_j f_j W_dec[j] over the kept latents only (no bias). [tokens, d_in]
 

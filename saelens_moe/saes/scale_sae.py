@@ -48,7 +48,7 @@ from saelens_moe.saes.experts import (
     decoder_for,
     fold_feature_scaling,
     init_router,
-    keep_top_k,
+    keep_weighted_top_k,
     load_balancing_loss,
     per_selected_expert,
     route,
@@ -511,8 +511,7 @@ def _encode_flat(
         pre = _through_dense_hook(
             sae.hook_sae_acts_pre, pre, routing.experts, cfg.d_sae
         )
-    candidates = pre.relu() * routing.weights[..., None]
-    code = keep_top_k(candidates.flatten(1), routing.experts, cfg.k)
+    code = keep_weighted_top_k(pre.flatten(1), routing.weights, routing.experts, cfg.k)
     return ExpertEncoding(routing, pre.flatten(1), code, decoder)
 
 
