@@ -99,15 +99,31 @@ def compiled_matmuls_in_use() -> bool:
 
 
 def _handles(sae_in: torch.Tensor, W_enc: torch.Tensor, counts: list[int]) -> bool:
+    row_stride = _row_stride(W_enc)
     return (
         all(
             tensor.device.type == "cpu" and tensor.dtype == torch.float32
             for tensor in (sae_in, W_enc)
         )
-        and W_enc.stride(1) == 1
-        and max(sae_in.shape[1], W_enc.stride(0), *counts) <= _MAX_INT
+        and row_stride is not None
+        and max(sae_in.shape[1], row_stride, *counts) <= _MAX_INT
         and sum(counts) > 0
     )
+
+
+def _row_stride(W_enc: torch.Tensor) -> int | None:
+    """The distance between W_enc's rows as the BLAS reads them, or None if it can't.
+
+    Each row must be contiguous and rows must not overlap. Strides of size-1
+    dimensions mean nothing (a [1, n] view of a column has strides (1, 1)), so a
+    single row is read as if its stride were its length.
+    """
+    n_rows, n_cols = W_enc.shape
+    if n_cols > 1 and W_enc.stride(1) != 1:
+        return None
+    if n_rows == 1:
+        return n_cols
+    return W_enc.stride(0) if W_enc.stride(0) >= n_cols else None
 
 
 def _run(
@@ -119,6 +135,8 @@ def _run(
     W_enc: torch.Tensor,
 ) -> torch.Tensor:
     block_size = W_enc.shape[1] // len(counts)
+    row_stride = _row_stride(W_enc)
+    assert row_stride is not None, "W_enc's rows must be contiguous and apart"
     pre = sae_in.new_empty(token_of_pair.numel(), block_size)
     # contiguous copies are bound here, so they outlive the call that reads them
     inputs = sae_in.contiguous(), token_of_pair.contiguous(), torch.tensor(counts)
@@ -131,7 +149,7 @@ def _run(
             kernels.address(inputs[2]),
             len(counts),
             W_enc.data_ptr(),  # rows may be strided; each row is contiguous
-            W_enc.stride(0),
+            row_stride,
             block_size,
             kernels.address(pre),
             kernels.threads(),

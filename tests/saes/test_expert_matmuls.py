@@ -6,6 +6,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from saelens_moe import ScaleSAE, ScaleSAEConfig
 from saelens_moe.saes import expert_matmuls, kernels
 from saelens_moe.saes.expert_matmuls import compiled_expert_matmuls, group_pairs
 from saelens_moe.saes.experts import _expert_matmul_loop, _expert_rows
@@ -117,9 +118,40 @@ def test_the_torch_loop_matches_float64() -> None:
     torch.testing.assert_close(problem.torch_loop(), problem.float64_truth())
 
 
+@needs_compiled
+def test_a_single_row_encoder_whose_strides_say_nothing() -> None:
+    """A [1, n] view of a column has strides (1, 1); the BLAS must get n as its stride."""
+    problem = Problem(n_tokens=7, d_in=1, n_experts=2, block_size=4, n_active=1)
+    problem.W_enc = torch.randn(8, 1).T
+    assert problem.W_enc.stride() == (1, 1)
+    got = compiled_expert_matmuls(
+        problem.sae_in, problem.token_of_pair, problem.counts, problem.W_enc
+    )
+    assert got is not None
+    assert torch.equal(got, problem.torch_loop())
+
+
+def test_a_d_in_1_sae_encodes_the_same_with_and_without_kernels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sae = ScaleSAE(
+        ScaleSAEConfig(d_in=1, d_sae=4, n_experts=1, n_active_experts=1, k=4)
+    )
+    x = torch.randn(5, 1)
+    codes, outputs = [], []
+    for switch in ("1", "0"):
+        monkeypatch.setenv(kernels.KERNEL_SWITCH, switch)
+        with torch.no_grad():
+            codes.append(sae.encode(x))
+            outputs.append(sae(x))
+    assert torch.isfinite(outputs[0]).all()
+    assert torch.equal(*codes)
+    torch.testing.assert_close(*outputs)  # kept latents may be summed in another order
+
+
 @pytest.mark.parametrize(
     "unhandled",
-    ["switch off", "float64", "column-strided encoder"],
+    ["switch off", "float64", "column-strided encoder", "overlapping rows"],
 )
 def test_unhandled_inputs_leave_the_work_to_torch(
     unhandled: str, monkeypatch: pytest.MonkeyPatch
