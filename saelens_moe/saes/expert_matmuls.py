@@ -3,13 +3,13 @@
 `group_pairs` is a stable counting sort in C++ (about 0.7 ms of argsort, bincount
 and inverse-permutation ops in PyTorch for 8192 pairs), with those ops as its
 fallback. From Python, each expert's gather and matmul are six dispatched ops; at
-64 experts that is 2-3 ms of a 35 ms encode. `expert_matmuls.cpp` runs the same loop in C++
-and calls the sgemm PyTorch's matmuls call: MKL's, found by its symbol in PyTorch's
-own library, so the results are the same bits as `torch.mm`'s. It is used only
-where PyTorch is built with MKL (its LP64 `sgemm_`) and after a check against
-`torch.mm` on first use; otherwise, or without the compiled kernels (`kernels.py`),
-`compiled_expert_matmuls` returns None and the caller's PyTorch loop runs.
-"""
+64 experts that is 2-3 ms of a 35 ms encode. `expert_matmuls.cpp` runs the same
+loop in C++ and calls the sgemm PyTorch's matmuls call: MKL's, found by its symbol
+in PyTorch's own library, so the results are the same bits as `torch.mm`'s. It is
+used only where PyTorch is built with MKL (its LP64 `sgemm_`) and after a check
+against `torch.mm` on first use; otherwise, or without the compiled kernels
+(`kernels.py`), `compiled_expert_matmuls` returns None and the caller's PyTorch
+loop runs."""
 
 import ctypes
 import functools
