@@ -42,6 +42,11 @@ class Problem:
         self.token_of_pair = pair_order // n_active
         self.expert_of_pair = experts.flatten()[pair_order]
 
+    def compiled(self) -> torch.Tensor | None:
+        return compiled_expert_matmuls(
+            self.sae_in, self.token_of_pair, self.counts, self.W_enc
+        )
+
     def torch_loop(self) -> torch.Tensor:
         rows = [(e, r) for e, r in _expert_rows(self.counts) if r.stop > r.start]
         return _expert_matmul_loop(
@@ -105,9 +110,7 @@ def test_the_compiled_matmuls_pass_their_check_against_torch_mm() -> None:
 @pytest.mark.parametrize("shape", PROBLEMS.values(), ids=PROBLEMS.keys())
 def test_the_compiled_matmuls_give_the_torch_loops_bits(shape: dict[str, int]) -> None:
     problem = Problem(**shape)
-    got = compiled_expert_matmuls(
-        problem.sae_in, problem.token_of_pair, problem.counts, problem.W_enc
-    )
+    got = problem.compiled()
     assert got is not None
     assert torch.equal(got, problem.torch_loop())
     torch.testing.assert_close(got, problem.float64_truth())
@@ -124,9 +127,7 @@ def test_a_single_row_encoder_whose_strides_say_nothing() -> None:
     problem = Problem(n_tokens=7, d_in=1, n_experts=2, block_size=4, n_active=1)
     problem.W_enc = torch.randn(8, 1).T
     assert problem.W_enc.stride() == (1, 1)
-    got = compiled_expert_matmuls(
-        problem.sae_in, problem.token_of_pair, problem.counts, problem.W_enc
-    )
+    got = problem.compiled()
     assert got is not None
     assert torch.equal(got, problem.torch_loop())
 
@@ -177,12 +178,7 @@ def test_without_mkl_in_torch_the_torch_loop_runs(
     monkeypatch.setattr(expert_matmuls, "_mkl_sgemm", lambda: None)
     problem = Problem(**PROBLEMS["odd sizes"])
     assert not expert_matmuls.compiled_matmuls_in_use()
-    assert (
-        compiled_expert_matmuls(
-            problem.sae_in, problem.token_of_pair, problem.counts, problem.W_enc
-        )
-        is None
-    )
+    assert problem.compiled() is None
 
 
 @needs_compiled

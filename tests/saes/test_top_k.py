@@ -161,23 +161,30 @@ def reference_encode(sae: ScaleTrainingSAE, x: torch.Tensor) -> torch.Tensor:
         return sae.encode(x).detach()
 
 
-@pytest.mark.parametrize("n_active_experts", [1, 2, 5])
-@pytest.mark.parametrize("expert_weighting", EXPERT_WEIGHTINGS)
-@pytest.mark.parametrize("feature_scaling", [True, False])
-@pytest.mark.parametrize("rescale_acts_by_decoder_norm", [True, False])
+VARIANTS = [
+    {
+        "n_active_experts": n_active_experts,
+        "expert_weighting": expert_weighting,
+        "feature_scaling": feature_scaling,
+        "rescale_acts_by_decoder_norm": rescale,
+    }
+    for n_active_experts in (1, 2, 5)
+    for expert_weighting in EXPERT_WEIGHTINGS
+    for feature_scaling in (True, False)
+    for rescale in (True, False)
+]
+
+
+@pytest.fixture(params=VARIANTS, ids=lambda fields: "-".join(map(str, fields.values())))
+def variant_sae(request: pytest.FixtureRequest) -> ScaleTrainingSAE:
+    """Every e, weighting, Feature Scaling and decoder-norm rescaling combination."""
+    return make_sae(**request.param)
+
+
 def test_float32_encode_equals_the_differentiable_path(
-    kernel: str,
-    n_active_experts: int,
-    expert_weighting: str,
-    feature_scaling: bool,
-    rescale_acts_by_decoder_norm: bool,
+    kernel: str, variant_sae: ScaleTrainingSAE
 ) -> None:
-    sae = make_sae(
-        n_active_experts=n_active_experts,
-        expert_weighting=expert_weighting,
-        feature_scaling=feature_scaling,
-        rescale_acts_by_decoder_norm=rescale_acts_by_decoder_norm,
-    )
+    sae = variant_sae
     x = torch.randn(3, 11, sae.cfg.d_in)
     with torch.no_grad():
         fused = sae.encode(x)
@@ -219,24 +226,11 @@ def test_a_float32_sae_under_a_float64_default_dtype(kernel: str) -> None:
 
 
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler on this machine")
-@pytest.mark.parametrize("n_active_experts", [1, 2, 5])
-@pytest.mark.parametrize("expert_weighting", EXPERT_WEIGHTINGS)
-@pytest.mark.parametrize("feature_scaling", [True, False])
-@pytest.mark.parametrize("rescale_acts_by_decoder_norm", [True, False])
 def test_compiled_and_eager_inference_give_the_same_bits(
-    monkeypatch: pytest.MonkeyPatch,
-    n_active_experts: int,
-    expert_weighting: str,
-    feature_scaling: bool,
-    rescale_acts_by_decoder_norm: bool,
+    monkeypatch: pytest.MonkeyPatch, variant_sae: ScaleTrainingSAE
 ) -> None:
     """Same matmuls, same epilogue order, no contraction: only tied picks may differ."""
-    sae = make_sae(
-        n_active_experts=n_active_experts,
-        expert_weighting=expert_weighting,
-        feature_scaling=feature_scaling,
-        rescale_acts_by_decoder_norm=rescale_acts_by_decoder_norm,
-    )
+    sae = variant_sae
     x = torch.randn(3, 11, sae.cfg.d_in)
     outputs = []
     for switch in ("1", "0"):
