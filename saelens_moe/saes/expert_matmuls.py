@@ -83,13 +83,16 @@ def compiled_expert_matmuls(
 
     Rows come out in the grouped order. [pairs, d_sae / n_experts]
     """
-    if not (kernels.kernel_enabled() and _handles(sae_in, W_enc, counts)):
+    row_stride = _row_stride(W_enc)
+    if not kernels.kernel_enabled() or row_stride is None:
+        return None
+    if not _handles(sae_in, W_enc, row_stride, counts):
         return None
     library = kernels.compiled_library()
     sgemm = None if library is None else _checked_sgemm(library)
     if library is None or sgemm is None:
         return None
-    return _run(library, sgemm, sae_in, token_of_pair, counts, W_enc)
+    return _run(library, sgemm, sae_in, token_of_pair, counts, W_enc, row_stride)
 
 
 def compiled_matmuls_in_use() -> bool:
@@ -98,14 +101,14 @@ def compiled_matmuls_in_use() -> bool:
     return library is not None and _checked_sgemm(library) is not None
 
 
-def _handles(sae_in: torch.Tensor, W_enc: torch.Tensor, counts: list[int]) -> bool:
-    row_stride = _row_stride(W_enc)
+def _handles(
+    sae_in: torch.Tensor, W_enc: torch.Tensor, row_stride: int, counts: list[int]
+) -> bool:
     return (
         all(
             tensor.device.type == "cpu" and tensor.dtype == torch.float32
             for tensor in (sae_in, W_enc)
         )
-        and row_stride is not None
         and max(sae_in.shape[1], row_stride, *counts) <= _MAX_INT
         and sum(counts) > 0
     )
@@ -133,10 +136,9 @@ def _run(
     token_of_pair: torch.Tensor,
     counts: list[int],
     W_enc: torch.Tensor,
+    row_stride: int,  # from _row_stride
 ) -> torch.Tensor:
     block_size = W_enc.shape[1] // len(counts)
-    row_stride = _row_stride(W_enc)
-    assert row_stride is not None, "W_enc's rows must be contiguous and apart"
     pre = sae_in.new_empty(token_of_pair.numel(), block_size)
     # contiguous copies are bound here, so they outlive the call that reads them
     inputs = sae_in.contiguous(), token_of_pair.contiguous(), torch.tensor(counts)
@@ -168,7 +170,7 @@ def _checked_sgemm(library: ctypes.CDLL) -> int | None:
     W_enc = torch.randn(9, 3 * 5 + 4, generator=generator)[:, :15]  # strided rows
     token_of_pair = torch.tensor([4, 0, 5, 1, 1, 2, 3, 0])
     counts = [3, 0, 5]
-    got = _run(library, sgemm, sae_in, token_of_pair, counts, W_enc)
+    got = _run(library, sgemm, sae_in, token_of_pair, counts, W_enc, W_enc.stride(0))
     blocks = [0] * 3 + [2] * 5
     expected = torch.stack(
         [

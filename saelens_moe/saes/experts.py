@@ -432,9 +432,9 @@ def keep_top_k(
     """Global Top-K over all selected experts' candidate activations at once."""
     block_size = candidates.shape[1] // experts.shape[1]
     positions = top_k_positions(candidates.detach(), k)
-    values = candidates.gather(1, positions)
-    slot_experts = experts.gather(1, positions // block_size)
-    return SparseCode(values, slot_experts * block_size + positions % block_size)
+    return SparseCode(
+        candidates.gather(1, positions), _global_latents(positions, experts, block_size)
+    )
 
 
 def keep_weighted_top_k(
@@ -455,10 +455,20 @@ def keep_weighted_top_k(
         blocks = pre.reshape(n_tokens, n_active, block_size).relu()
         candidates = (blocks * weights[..., None]).view(n_tokens, n_active * block_size)
         positions = top_k_positions(candidates, k)
-    slots = positions // block_size
-    values = pre.gather(1, positions).relu() * weights.gather(1, slots)
-    latents = experts.gather(1, slots) * block_size + positions % block_size
-    return SparseCode(values, latents)
+    values = pre.gather(1, positions).relu() * weights.gather(
+        1, positions // block_size
+    )
+    return SparseCode(values, _global_latents(positions, experts, block_size))
+
+
+def _global_latents(
+    positions: torch.Tensor,  # [tokens, k], into the slot-major candidates
+    experts: torch.Tensor,  # [tokens, e]
+    block_size: int,
+) -> torch.Tensor:
+    """The global latent of each candidate position. [tokens, k]"""
+    slot_experts = experts.gather(1, positions // block_size)
+    return slot_experts * block_size + positions % block_size
 
 
 def decode_sparse(code: SparseCode, decoder: Decoder) -> torch.Tensor:
