@@ -37,6 +37,7 @@ import torch
 from throughput import (
     FULL,
     QUICK,
+    SCALING_E,
     Candidate,
     Sizes,
     build,
@@ -106,11 +107,11 @@ def growing_parts(sizes: Sizes, d_sae: int) -> dict[str, Work]:
     W_enc, W_dec = torch.randn(sizes.d_in, d_sae), torch.randn(d_sae, sizes.d_in)
     grad_W_enc, grad_W_dec = torch.zeros_like(W_enc), torch.zeros_like(W_dec)
     grad_norms = torch.rand(d_sae, 1)
-    # e = 2 distinct experts per token, as in throughput.py's curve
-    experts = torch.rand(sizes.batch, n_experts).topk(2, dim=1).indices.flatten()
+    scores = torch.rand(sizes.batch, n_experts)
+    experts = scores.topk(SCALING_E, dim=1).indices.flatten()  # distinct per token
     order = experts.argsort(stable=True)
     counts = torch.bincount(experts, minlength=n_experts).tolist()
-    grouped_in = x.index_select(0, order // 2)
+    grouped_in = x.index_select(0, order // SCALING_E)
     grad_pre = torch.randn(order.numel(), block)
     pre, grad_in = torch.empty_like(grad_pre), torch.empty_like(grouped_in)
 

@@ -44,7 +44,7 @@ SUMMARY_FIELDS = (
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="quick")
     parser.add_argument(
         "--study", choices=[*STUDIES, "all"], default="standard", help="variant set"

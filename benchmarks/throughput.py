@@ -53,6 +53,8 @@ from saelens_moe import (
 from saelens_moe.saes import expert_matmuls, kernels
 
 GIB = 1024**3
+SCALING_E = 2
+"""Experts per token in the scaling curve."""
 ALLOCATORS: dict[str, dict[str, str]] = {
     "default": {},
     "huge_pages": {"THP_MEM_ALLOC_ENABLE": "1"},
@@ -69,7 +71,7 @@ class Sizes:
     """(n_experts, n_active_experts) pairs for Scale SAE; Switch runs at each N."""
     scaling_d_sae: list[int]
     scaling_block: int
-    """Latents per expert in the scaling curve (e*m fixed at 2 * this)."""
+    """Latents per expert in the scaling curve (e*m fixed at SCALING_E * this)."""
 
 
 FULL = Sizes(
@@ -122,16 +124,12 @@ def build(candidate: Candidate, sizes: Sizes) -> TrainingSAE[Any]:
                 rescale_acts_by_decoder_norm=candidate.name != "topk-sparse-no-rescale",
             )
         )
+    n_experts, n_active = candidate.n_experts, candidate.n_active_experts
+    assert n_experts is not None and n_active is not None, candidate.name
     if candidate.name == "switch":
-        return SwitchTrainingSAE(
-            SwitchTrainingSAEConfig(**common, n_experts=candidate.n_experts)
-        )
+        return SwitchTrainingSAE(SwitchTrainingSAEConfig(**common, n_experts=n_experts))
     return ScaleTrainingSAE(
-        ScaleTrainingSAEConfig(
-            **common,
-            n_experts=candidate.n_experts,
-            n_active_experts=candidate.n_active_experts,
-        )
+        ScaleTrainingSAEConfig(**common, n_experts=n_experts, n_active_experts=n_active)
     )
 
 
@@ -300,14 +298,14 @@ def scaling_curve(sizes: Sizes, reps: int) -> list[dict[str, float]]:
 def forward_backward_of(
     sizes: Sizes, d_sae: int, x: torch.Tensor
 ) -> Callable[[], None]:
-    """One training forward and backward of a fresh Scale SAE (e=2) at this width."""
+    """One training forward and backward of a fresh Scale SAE (e = SCALING_E) at this width."""
     sae = ScaleTrainingSAE(
         ScaleTrainingSAEConfig(
             d_in=sizes.d_in,
             d_sae=d_sae,
             k=sizes.k,
             n_experts=d_sae // sizes.scaling_block,
-            n_active_experts=2,
+            n_active_experts=SCALING_E,
         )
     )
     step_input = TrainStepInput(
@@ -517,6 +515,7 @@ def profiles(sizes: Sizes, rows: int = 15) -> dict[str, str]:
     sae = build(Candidate("scale", *sizes.experts[0]), sizes)
     trainer = trainer_for(sae, x)
     inference = exported(sae)
+    assert isinstance(inference, ScaleSAE)
     tables = {}
     for name, work, context in [
         ("training step", partial(trainer.step, x), nullcontext),
