@@ -155,8 +155,8 @@ def scaling_floor(sizes: Sizes, reps: int) -> dict[str, Any]:
     """The growing parts' floor against the measured step, each timed on its own.
 
     The two forward+backward passes take turns by themselves, as in
-    throughput.py's curve: timed among the parts' large buffers they slow down by
-    a third here, which would inflate the 1.2x allowance.
+    throughput.py's curve: timed among the parts' large buffers they slowed down
+    by about a third in a trial, which would inflate the 1.2x allowance.
     """
     torch.manual_seed(0)
     x = torch.randn(sizes.batch, sizes.d_in)
