@@ -28,7 +28,6 @@ import argparse
 import json
 import resource
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from throughput import (
     build,
     exported,
     forward_backward_of,
+    timed,
 )
 
 from saelens_moe import ScaleSAE
@@ -55,10 +55,9 @@ def interleaved_medians(work: dict[str, Work], reps: int) -> dict[str, float]:
     times: dict[str, list[float]] = {name: [] for name in work}
     for rep in range(reps + 1):
         for name, run in work.items():
-            start = time.perf_counter()
-            run()
+            elapsed_ms = timed(run) * 1e3
             if rep:
-                times[name].append((time.perf_counter() - start) * 1e3)
+                times[name].append(elapsed_ms)
     return {name: statistics.median(ms) for name, ms in times.items()}
 
 
