@@ -12,7 +12,7 @@ against the bounds:
   and into a buffer already mapped, which no allocator beats.
 - Scaling: the parts of a training forward+backward that must grow when N doubles
   (last doubling of the curve): the router's three matmuls (N columns); the expert
-  matmuls with MKL at half the tokens per expert, which also write `W_enc`'s whole
+  grouped matmuls at half the tokens per expert, which also write `W_enc`'s whole
   gradient; `W_dec`'s gradient, whose decoder-norm term (training's default)
   reaches every row: one read of `W_dec` and one write, into mapped memory; and
   reading `W_enc` and `W_dec` once each in the forward pass (Feature Scaling's
@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from throughput import (
     FULL,
     QUICK,
@@ -108,11 +109,13 @@ def growing_parts(sizes: Sizes, d_sae: int) -> dict[str, Work]:
     grad_norms = torch.rand(d_sae, 1)
     scores = torch.rand(sizes.batch, n_experts)
     experts = scores.topk(SCALING_E, dim=1).indices.flatten()  # distinct per token
-    order = experts.argsort(stable=True)
-    counts = torch.bincount(experts, minlength=n_experts).tolist()
+    sorted_experts, order = experts.sort(stable=True)
+    group_ends = torch.searchsorted(
+        sorted_experts, torch.arange(n_experts), right=True
+    ).to(torch.int32)
     grouped_in = x.index_select(0, order // SCALING_E)
     grad_pre = torch.randn(order.numel(), block)
-    pre, grad_in = torch.empty_like(grad_pre), torch.empty_like(grouped_in)
+    blocks = W_enc.view(sizes.d_in, n_experts, block).permute(1, 0, 2)
 
     def router() -> None:  # logits, input gradient, weight gradient
         torch.mm(x, W_router)
@@ -120,14 +123,10 @@ def growing_parts(sizes: Sizes, d_sae: int) -> dict[str, Work]:
         torch.mm(x.T, grad_logits)
 
     def expert_matmuls() -> None:  # forward, W_enc's gradient, input gradient
-        first = 0
-        for expert, count in enumerate(counts):
-            rows = slice(first, first + count)
-            columns = slice(expert * block, (expert + 1) * block)
-            torch.mm(grouped_in[rows], W_enc[:, columns], out=pre[rows])
-            torch.mm(grouped_in[rows].T, grad_pre[rows], out=grad_W_enc[:, columns])
-            torch.mm(grad_pre[rows], W_enc[:, columns].T, out=grad_in[rows])
-            first += count
+        F.grouped_mm(grouped_in, blocks, offs=group_ends)
+        grad_blocks = F.grouped_mm(grouped_in.T, grad_pre, offs=group_ends)
+        grad_W_enc.view(sizes.d_in, n_experts, block).copy_(grad_blocks.transpose(0, 1))
+        F.grouped_mm(grad_pre, blocks.transpose(1, 2), offs=group_ends)
 
     def decoder_gradient() -> None:  # its norm term: every row, written once
         torch.mul(W_dec, grad_norms, out=grad_W_dec)

@@ -14,8 +14,16 @@ with PyTorch's default CPU allocator and once with `THP_MEM_ALLOC_ENABLE=1`
 (large tensors on transparent huge pages, so fresh gradient tensors cost far
 fewer page faults).
 
+On a GPU (`--device cuda`, optionally `--dtype bfloat16`) it runs the same
+side-by-side once per width of `--widths` (d_sae 24576, 131072 and 524288 by
+default, with m = 256 latents per expert and e = 3, so e*m = 768 at every width:
+768 = 3 * 256 is the only split with whole expert counts at these powers of two),
+records the peak GPU memory of a training step instead of resident memory, and
+skips the CPU-only allocator curves and profiles.
+
     python benchmarks/throughput.py            # GPT-2 scale: d_in 768, d_sae 24576
     python benchmarks/throughput.py --quick    # small sizes, a few seconds
+    python benchmarks/throughput.py --device cuda --dtype bfloat16
 """
 
 import argparse
@@ -50,7 +58,6 @@ from saelens_moe import (
     SwitchTrainingSAE,
     SwitchTrainingSAEConfig,
 )
-from saelens_moe.saes import expert_matmuls, kernels
 
 GIB = 1024**3
 SCALING_E = 2
@@ -78,6 +85,35 @@ FULL = Sizes(
     768, 24576, 4096, 32, [(64, 2), (64, 8), (16, 2)], [12288, 24576, 49152, 98304], 384
 )
 QUICK = Sizes(64, 1024, 256, 8, [(16, 2), (4, 2)], [512, 1024, 2048], 64)
+GPU_WIDTHS = [24576, 131072, 524288]
+GPU_BLOCK, GPU_E = 256, 3
+"""Latents per expert and experts per token of the width sweep: e*m = 768."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and in which dtype every SAE and batch of the run lives."""
+
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def synchronize(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+
+
+def width_sweep(base: Sizes, widths: list[int]) -> list[Sizes]:
+    """One set of sizes per width, each with (N, e) at m = GPU_BLOCK, e = GPU_E."""
+    return [
+        Sizes(
+            base.d_in, width, base.batch, base.k, [(width // GPU_BLOCK, GPU_E)], [], 0
+        )
+        for width in widths
+    ]
 
 
 @dataclass
@@ -114,8 +150,16 @@ def encoder_flops(sizes: Sizes, candidate: Candidate) -> int:
     return 2 * sizes.d_in * (candidate.n_experts + candidate.n_active_experts * block)
 
 
-def build(candidate: Candidate, sizes: Sizes) -> TrainingSAE[Any]:
-    common: dict[str, Any] = {"d_in": sizes.d_in, "d_sae": sizes.d_sae, "k": sizes.k}
+def build(
+    candidate: Candidate, sizes: Sizes, placement: Placement = Placement()
+) -> TrainingSAE[Any]:
+    common: dict[str, Any] = {
+        "d_in": sizes.d_in,
+        "d_sae": sizes.d_sae,
+        "k": sizes.k,
+        "device": placement.device,
+        "dtype": placement.dtype,
+    }
     if candidate.name.startswith("topk"):
         return TopKTrainingSAE(
             TopKTrainingSAEConfig(
@@ -133,11 +177,11 @@ def build(candidate: Candidate, sizes: Sizes) -> TrainingSAE[Any]:
     )
 
 
-def exported(sae: TrainingSAE[Any]) -> SAE[Any]:
+def exported(sae: TrainingSAE[Any], placement: Placement = Placement()) -> SAE[Any]:
     """The inference SAE that SAELens would load from this training SAE's export."""
     with tempfile.TemporaryDirectory() as folder:
         sae.save_inference_model(folder)
-        return SAE.load_from_disk(folder)
+        return SAE.load_from_disk(folder, device=placement.device)
 
 
 def trainer_for(sae: TrainingSAE[Any], batch: torch.Tensor) -> SAETrainer[Any, Any]:
@@ -149,14 +193,27 @@ def trainer_for(sae: TrainingSAE[Any], batch: torch.Tensor) -> SAETrainer[Any, A
         total_training_samples=10**12,
         train_batch_size_samples=batch.shape[0],
         lr_end=3e-5,
+        device=str(batch.device),
     )
     return SAETrainer(cfg=cfg, sae=sae, data_provider=same_batch())
 
 
-def timed(fn: Callable[[], object]) -> float:
+def timed(fn: Callable[[], object], placement: Placement = Placement()) -> float:
+    placement.synchronize()
     start = time.perf_counter()
     fn()
+    placement.synchronize()
     return time.perf_counter() - start
+
+
+def gpu_step_transient_gib(trainer: SAETrainer[Any, Any], x: torch.Tensor) -> float:
+    """Peak GPU memory of a warm training step above what was allocated before it."""
+    torch.cuda.synchronize(x.device)
+    before = torch.cuda.memory_allocated(x.device)
+    torch.cuda.reset_peak_memory_stats(x.device)
+    trainer.step(x)
+    torch.cuda.synchronize(x.device)
+    return (torch.cuda.max_memory_allocated(x.device) - before) / GIB
 
 
 def transient_gib(fn: Callable[[], object], interval_s: float = 0.0005) -> float:
@@ -214,37 +271,38 @@ def run_once(
     trainer: SAETrainer[Any, Any],
     inference: SAE[Any],
     x: torch.Tensor,
+    placement: Placement,
 ) -> tuple[float, float | None, float]:
     with torch.no_grad():
-        encode = timed(lambda: inference.encode(x))
+        encode = timed(lambda: inference.encode(x), placement)
         sparse = (
-            timed(lambda: inference.encode_sparse(x))
+            timed(lambda: inference.encode_sparse(x), placement)
             if isinstance(inference, ScaleSAE)
             else None
         )
-    return encode, sparse, timed(lambda: trainer.step(x))
+    return encode, sparse, timed(lambda: trainer.step(x), placement)
 
 
 def measure(
-    sizes: Sizes, reps: int, with_memory: bool
+    sizes: Sizes, reps: int, with_memory: bool, placement: Placement = Placement()
 ) -> tuple[list[Candidate], list[float]]:
     """Interleaved repetitions over every candidate; the first one is a warm-up."""
     torch.manual_seed(0)
-    x = torch.randn(sizes.batch, sizes.d_in)
-    weight = torch.randn(sizes.d_in, sizes.d_sae)
+    tensor = partial(torch.randn, device=placement.device, dtype=placement.torch_dtype)
+    x, weight = tensor(sizes.batch, sizes.d_in), tensor(sizes.d_in, sizes.d_sae)
     candidates = candidates_for(sizes)
     runs = []
     for candidate in candidates:
-        sae = build(candidate, sizes)
-        runs.append((candidate, trainer_for(sae, x), exported(sae)))
+        sae = build(candidate, sizes, placement)
+        runs.append((candidate, trainer_for(sae, x), exported(sae, placement)))
     matmul_s = []
     for rep in range(reps + 1):
-        matmul = timed(lambda: x @ weight)
+        matmul = timed(lambda: x @ weight, placement)
         for candidate, trainer, inference in runs:
             if candidate.error is not None:
                 continue
             try:
-                encode, sparse, step = run_once(trainer, inference, x)
+                encode, sparse, step = run_once(trainer, inference, x, placement)
             except RuntimeError as error:
                 candidate.error = str(error).splitlines()[0][:100]
                 continue
@@ -255,7 +313,11 @@ def measure(
                     candidate.encode_sparse_s.append(sparse)
         if rep:
             matmul_s.append(matmul)
-    if with_memory:
+    if placement.device.startswith("cuda"):
+        for candidate, trainer, _ in runs:
+            if candidate.error is None:
+                candidate.step_transient_gib = gpu_step_transient_gib(trainer, x)
+    elif with_memory and placement == Placement():
         for candidate in candidates:
             if candidate.error is None:
                 quick = sizes is QUICK
@@ -430,11 +492,11 @@ def markdown(
     matmul = next(row["matmul_gflop_s"] for row in rows if row["error"] is None)
     lines += [
         "",
-        f"Plain fp32 matmul [batch, d_in] @ [d_in, d_sae], best of the run: "
+        f"Plain matmul [batch, d_in] @ [d_in, d_sae] in the run's dtype, best of the run: "
         f"{matmul:.1f} GFLOP/s (the 'of matmul rate' reference).",
-        f"Row Top-K: {kernel_choices()['top_k']}. "
-        f"Inference expert matmuls: {kernel_choices()['expert_matmuls']}.",
     ]
+    if not curves:
+        return "\n".join(lines)
     header = "| d_sae | N |"
     for allocator in curves:
         header += f" forward+backward s ({allocator}) | vs half width |"
@@ -485,25 +547,21 @@ def plot_curves(curves: dict[str, list[dict[str, float]]], path: Path) -> None:
     plt.close(figure)
 
 
-def kernel_choices() -> dict[str, str]:
-    """Which implementation of each compiled path ran: the kernel or its PyTorch fallback."""
-    compiled = expert_matmuls.compiled_matmuls_in_use()
-    return {
-        "top_k": "compiled kernel" if kernels.kernel_in_use() else "torch.topk",
-        "expert_matmuls": "compiled loop over PyTorch's MKL sgemm"
-        if compiled
-        else "torch.mm per expert",
-    }
-
-
-def machine() -> dict[str, Any]:
+def machine(placement: Placement = Placement()) -> dict[str, Any]:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    gpu = (
+        torch.cuda.get_device_name(placement.device)
+        if placement.device.startswith("cuda")
+        else None
+    )
     return {
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        **kernel_choices(),
+        "device": placement.device,
+        "gpu": gpu,
+        "dtype": placement.dtype,
         "load_average_at_end": load,
     }
 
@@ -548,6 +606,16 @@ def main() -> None:
     parser.add_argument(
         "--no-memory", action="store_true", help="skip the memory measurement"
     )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--dtype", default="float32", help="parameter and input dtype, e.g. bfloat16"
+    )
+    parser.add_argument(
+        "--widths",
+        type=int,
+        nargs="+",
+        help="d_sae values to sweep (default on a GPU: 24576 131072 524288)",
+    )
     parser.add_argument("--transient-of", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--curve-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
@@ -561,6 +629,11 @@ def main() -> None:
         print(json.dumps(scaling_curve(sizes, args.reps)))
         return
     args.output_dir.mkdir(parents=True, exist_ok=True)
+    placement = Placement(args.device, args.dtype)
+    widths = args.widths or (GPU_WIDTHS if args.device.startswith("cuda") else None)
+    if widths:
+        sweep(width_sweep(sizes, widths), args.reps, placement, args.output_dir)
+        return
     load_before = os.getloadavg()
     candidates, matmul_s = measure(sizes, args.reps, with_memory=not args.no_memory)
     curve_reps = 2 * args.reps + 1  # page-fault noise on a VM: medians need more
@@ -585,6 +658,30 @@ def main() -> None:
     }
     (args.output_dir / f"{stem}.json").write_text(json.dumps(result, indent=2))
     plot_curves(curves, args.output_dir / f"{stem}_scaling.png")
+
+
+def sweep(
+    every_sizes: list[Sizes], reps: int, placement: Placement, output_dir: Path
+) -> None:
+    """The side-by-side at each width in turn; one table, one JSON."""
+    tables, results = [], []
+    for sizes in every_sizes:
+        candidates, matmul_s = measure(sizes, reps, False, placement)
+        rows = summarise(sizes, candidates, matmul_s)
+        tables.append(f"d_sae {sizes.d_sae}:\n\n" + markdown(rows, {}))
+        results.append({"sizes": asdict(sizes), "rows": rows})
+        if placement.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    table = "\n\n".join(tables)
+    print(table)
+    stem = f"throughput_{torch.device(placement.device).type}_{placement.dtype}"
+    (output_dir / f"{stem}.md").write_text(table + "\n")
+    report = {
+        "repetitions": reps,
+        "machine": machine(placement),
+        "widths": results,
+    }
+    (output_dir / f"{stem}.json").write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

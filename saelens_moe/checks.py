@@ -201,16 +201,27 @@ def _value_problems(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
 # ------------------------------------------------------------------------------- loss
 
 
-def raise_if_loss_not_finite(
-    loss: torch.Tensor,
+def count_dead_if_loss_finite(
     losses: Mapping[str, torch.Tensor],
     sae_in: torch.Tensor,
     step: int,
-) -> None:
-    """One scalar check per step; the diagnosis is only computed when it fails."""
-    if loss.device.type == "meta" or bool(torch.isfinite(loss)):
-        return
-    raise NonFiniteLossError(step, _describe_non_finite(loss, losses, sae_in, step))
+    dead_latents: torch.Tensor | None,  # [d_sae] bool
+) -> int:
+    """The step's one host read: raise unless the losses sum to a finite number,
+    else return how many latents are dead (0 without a mask).
+
+    The diagnosis is only computed when the check fails.
+    """
+    loss = sum(losses.values(), torch.zeros((), device=sae_in.device))
+    if loss.device.type == "meta":
+        return 0
+    n_dead = torch.zeros((), dtype=torch.long, device=loss.device)
+    if dead_latents is not None:
+        n_dead = dead_latents.sum().to(loss.device)
+    finite, dead = torch.stack([torch.isfinite(loss).long(), n_dead]).tolist()
+    if not finite:
+        raise NonFiniteLossError(step, _describe_non_finite(loss, losses, sae_in, step))
+    return dead
 
 
 def _describe_non_finite(

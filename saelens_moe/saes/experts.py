@@ -13,12 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from saelens_moe.saes.expert_matmuls import compiled_expert_matmuls, group_pairs
-from saelens_moe.saes.top_k import (
-    ExpertEpilogue,
-    compiled_expert_top_k,
-    top_k_positions,
-)
+from saelens_moe.saes.expert_matmuls import selected_expert_matmuls
 
 ExpertWeighting = Literal["softmax_of_probs", "renormalized", "probs", "uniform"]
 EXPERT_WEIGHTINGS: tuple[str, ...] = get_args(ExpertWeighting)
@@ -73,9 +68,7 @@ def route(
 ) -> Routing:
     """Route each token to its `n_active_experts` most probable experts."""
     probs = (sae_in @ W_router + b_router).softmax(dim=-1)
-    chosen = top_k_positions(probs.detach(), n_active_experts)
-    top_probs, slot_order = probs.gather(1, chosen).sort(dim=-1, descending=True)
-    experts = chosen.gather(1, slot_order)
+    top_probs, experts = probs.topk(n_active_experts, dim=-1)
     return Routing(probs, experts, weigh_experts(top_probs, expert_weighting))
 
 
@@ -109,93 +102,13 @@ def feature_scaling_anchors(
     W_enc: torch.Tensor, scaling: FeatureScaling, n_experts: int
 ) -> torch.Tensor:
     """a_i = T mu_i, the direction expert i is scaled around, as columns. [d_in, n_experts]"""
-    anchors = W_enc.view(W_enc.shape[0], n_experts, -1).mean(dim=-1)
+    blocks = W_enc.view(W_enc.shape[0], n_experts, -1)
+    # sum, then divide the small result: mean's backward would write a full-size
+    # quotient, sum's is a broadcast view
+    anchors = blocks.sum(dim=-1) / blocks.shape[-1]
     if scaling.W_lowpass is not None:
         anchors = scaling.W_lowpass @ anchors
     return anchors
-
-
-class _GroupedExpertEncoder(torch.autograd.Function):
-    """x @ W_enc[:, block(e)] for each (token, selected expert e) pair.
-
-    Pairs are grouped by expert so each expert's block is one dense matmul over
-    only its own tokens. With `with_block_means`, also returns the mean column of
-    every expert's block (Feature Scaling's mu_i), taken while the block is in
-    cache; backward adds its gradient to each block as it writes it, so the weight
-    gradient is written once.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        sae_in: torch.Tensor,  # [tokens, d_in]
-        W_enc: torch.Tensor,  # [d_in, d_sae]
-        experts: torch.Tensor,  # [tokens, e]
-        n_experts: int,
-        with_block_means: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        ctx.set_materialize_grads(False)
-        n_active = experts.shape[1]
-        block_size = W_enc.shape[1] // n_experts
-        pair_order, counts, _ = group_pairs(experts, n_experts)
-        grouped_in = sae_in.index_select(0, pair_order // n_active)  # [pairs, d_in]
-        grouped_out = grouped_in.new_empty(grouped_in.shape[0], block_size)
-        block_means = W_enc.new_empty(
-            W_enc.shape[0], n_experts if with_block_means else 0
-        )
-        for expert, rows in _expert_rows(counts):
-            block = W_enc[:, expert * block_size : (expert + 1) * block_size]
-            if rows.stop > rows.start:
-                torch.mm(grouped_in[rows], block, out=grouped_out[rows])
-            if with_block_means:  # while the block is in cache
-                torch.mean(block, dim=1, out=block_means[:, expert])
-        ctx.save_for_backward(grouped_in, W_enc, pair_order)
-        ctx.counts = counts
-        ctx.n_tokens, ctx.n_active = experts.shape
-        pair_out = torch.empty_like(grouped_out).index_copy_(0, pair_order, grouped_out)
-        return pair_out.view(sae_in.shape[0], n_active * block_size), block_means
-
-    @staticmethod
-    def backward(  # pyright: ignore[reportIncompatibleMethodOverride]
-        ctx: Any, grad_out: torch.Tensor | None, grad_means: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
-        grouped_in, W_enc, pair_order = ctx.saved_tensors
-        n_experts = len(ctx.counts)
-        block_size = W_enc.shape[1] // n_experts
-        if grad_out is None:  # only the block means were used
-            grouped_grad = grouped_in.new_zeros(pair_order.numel(), block_size)
-        else:
-            grouped_grad = grad_out.reshape(-1, block_size).index_select(0, pair_order)
-        grad_W = None
-        if ctx.needs_input_grad[1]:
-            grad_W = torch.empty_like(W_enc)
-            for expert, rows in _expert_rows(ctx.counts):
-                block = grad_W[:, expert * block_size : (expert + 1) * block_size]
-                if rows.stop > rows.start:
-                    torch.mm(grouped_in[rows].T, grouped_grad[rows], out=block)
-                else:
-                    block.zero_()
-                if grad_means is not None:  # d mean / d column = 1 / m
-                    block.add_(grad_means[:, expert, None] / block_size)
-        grad_in = None
-        if ctx.needs_input_grad[0]:
-            grouped_grad_in = torch.empty_like(grouped_in)
-            for expert, rows in _expert_rows(ctx.counts):
-                block = W_enc[:, expert * block_size : (expert + 1) * block_size]
-                if rows.stop > rows.start:
-                    torch.mm(grouped_grad[rows], block.T, out=grouped_grad_in[rows])
-            grad_in = grouped_grad_in.new_zeros(ctx.n_tokens, grouped_in.shape[1])
-            grad_in.index_add_(0, pair_order // ctx.n_active, grouped_grad_in)
-        return grad_in, grad_W, None, None, None
-
-
-def _expert_rows(counts: list[int]) -> list[tuple[int, slice]]:
-    """(expert, its rows in the grouped order) for every expert; empty for no tokens."""
-    rows, start = [], 0
-    for expert, count in enumerate(counts):
-        rows.append((expert, slice(start, start + count)))
-        start += count
-    return rows
 
 
 class Decoder(NamedTuple):
@@ -253,17 +166,10 @@ def selected_expert_pre(
     scaling: FeatureScaling | None,
 ) -> torch.Tensor:
     """Encoder pre-activations of the selected experts' latents only. [tokens, e, m]"""
-    raw, block_means = _GroupedExpertEncoder.apply(
-        sae_in, W_enc, experts, n_experts, scaling is not None
-    )
-    pre = raw.view(*experts.shape, W_enc.shape[1] // n_experts)
+    pre = selected_expert_matmuls(sae_in, experts, W_enc, n_experts)
     if scaling is not None:
         # (1 + omega) (W_i x) - omega (a_i . x): Feature Scaling without materialising W^_i
-        anchors = (
-            block_means
-            if scaling.W_lowpass is None
-            else scaling.W_lowpass @ block_means
-        )
+        anchors = feature_scaling_anchors(W_enc, scaling, n_experts)
         omega = per_selected_expert(scaling.omega, experts)  # [tokens, e]
         anchor_dot = (sae_in @ anchors).gather(1, experts)  # [tokens, e]
         pre = (1 + omega)[..., None] * pre - (omega * anchor_dot)[..., None]
@@ -283,158 +189,10 @@ def per_selected_expert(
     return picked.view(*experts.shape, *per_expert.shape[1:])
 
 
-@torch.no_grad()
-def selected_expert_code(
-    sae_in: torch.Tensor,  # [tokens, d_in]
-    routing: Routing,
-    W_enc: torch.Tensor,  # [d_in, d_sae]
-    b_enc: torch.Tensor,  # [d_sae]
-    scaling: FeatureScaling | None,
-    decoder_norms: torch.Tensor | None,  # [d_sae]
-    k: int,
-) -> SparseCode:
-    """The code `keep_top_k` keeps from the selected experts' candidates, without autograd.
-
-    The candidates are what `selected_expert_pre` followed by decoder-norm
-    rescaling, ReLU and expert weighting gives. Each expert's matmul covers only
-    its own tokens (one compiled loop, `expert_matmuls.py`, or a PyTorch loop); the
-    epilogue and the Top-K then run per token in one pass of the compiled kernel
-    (`top_k.py`) or, without it, per expert block while it is in cache, followed by
-    `keep_top_k`. Like the differentiable path, the experts compute in the weights'
-    dtype under autocast.
-    """
-    with torch.autocast(device_type=W_enc.device.type, enabled=False):
-        sae_in = sae_in.to(W_enc.dtype)
-        grouped = _grouped_matmuls(sae_in, routing, W_enc)
-        epilogue = _expert_epilogue(
-            sae_in, routing, W_enc, b_enc, scaling, decoder_norms
-        )
-        compiled = compiled_expert_top_k(
-            grouped.pre, grouped.row_of_pair, routing.experts, epilogue, k
-        )
-        if compiled is not None:
-            return SparseCode(*compiled)
-        candidates = _weighted_candidates(grouped, routing.experts, epilogue)
-        return keep_top_k(candidates, routing.experts, k)
-
-
-class _GroupedPre(NamedTuple):
-    """The selected experts' matmul outputs, (token, slot) pairs grouped by expert."""
-
-    pre: torch.Tensor
-    """x @ W_enc[:, block] of each pair's expert, in grouped order. [pairs, m]"""
-    pair_order: torch.Tensor
-    """The flat (token, slot) pair in each grouped row. [pairs]"""
-    row_of_pair: torch.Tensor
-    """The grouped row of each (token, slot) pair. [tokens, e]"""
-    expert_rows: list[tuple[int, slice]]
-    """(expert, its grouped rows) for every expert with tokens."""
-
-
-def _grouped_matmuls(
-    sae_in: torch.Tensor, routing: Routing, W_enc: torch.Tensor
-) -> _GroupedPre:
-    """x @ W_enc[:, block] for every (token, selected expert) pair, one matmul per expert."""
-    n_tokens, n_active = routing.experts.shape
-    n_experts = routing.probs.shape[1]
-    pair_order, counts, row_of_pair = group_pairs(routing.experts, n_experts)
-    token_of_pair = pair_order // n_active
-    expert_rows = [
-        (expert, rows)
-        for expert, rows in _expert_rows(counts)
-        if rows.stop > rows.start
-    ]
-    pre = compiled_expert_matmuls(sae_in, token_of_pair, counts, W_enc)
-    if pre is None:
-        block_size = W_enc.shape[1] // n_experts
-        pre = _expert_matmul_loop(sae_in, token_of_pair, expert_rows, W_enc, block_size)
-    return _GroupedPre(
-        pre, pair_order, row_of_pair.view(n_tokens, n_active), expert_rows
-    )
-
-
-def _expert_matmul_loop(
-    sae_in: torch.Tensor,
-    token_of_pair: torch.Tensor,
-    expert_rows: list[tuple[int, slice]],
-    W_enc: torch.Tensor,
-    block_size: int,
-) -> torch.Tensor:
-    """What `compiled_expert_matmuls` computes, in PyTorch. [pairs, m]"""
-    pre = sae_in.new_empty(token_of_pair.numel(), block_size)
-    # one expert's inputs at a time, in a buffer that stays in cache
-    busiest = max((rows.stop - rows.start for _, rows in expert_rows), default=0)
-    expert_in = sae_in.new_empty(busiest, sae_in.shape[1])
-    for expert, rows in expert_rows:
-        inputs = expert_in[: rows.stop - rows.start]
-        torch.index_select(sae_in, 0, token_of_pair[rows], out=inputs)
-        latents = slice(expert * block_size, (expert + 1) * block_size)
-        torch.mm(inputs, W_enc[:, latents], out=pre[rows])
-    return pre
-
-
-def _expert_epilogue(
-    sae_in: torch.Tensor,
-    routing: Routing,
-    W_enc: torch.Tensor,
-    b_enc: torch.Tensor,
-    scaling: FeatureScaling | None,
-    decoder_norms: torch.Tensor | None,
-) -> ExpertEpilogue:
-    """The per-pair and per-latent factors between the matmuls and the candidates."""
-    scale, shift = None, None
-    if scaling is not None:  # (1 + omega) (W_i x) - omega (a_i . x)
-        anchors = feature_scaling_anchors(W_enc, scaling, routing.probs.shape[1])
-        omega = per_selected_expert(scaling.omega, routing.experts)  # [tokens, e]
-        anchor_dot = (sae_in @ anchors).gather(1, routing.experts)  # [tokens, e]
-        scale, shift = 1 + omega, omega * anchor_dot
-    return ExpertEpilogue(scale, shift, routing.weights, b_enc, decoder_norms)
-
-
-def _weighted_candidates(
-    grouped: _GroupedPre, experts: torch.Tensor, epilogue: ExpertEpilogue
-) -> torch.Tensor:
-    """The kernel's candidates, in PyTorch per expert block. [tokens, e * m], slot-major."""
-    block_size = grouped.pre.shape[1]
-
-    def in_grouped_order(per_pair: torch.Tensor) -> torch.Tensor:
-        return per_pair.flatten()[grouped.pair_order, None]  # [pairs, 1]
-
-    weights = in_grouped_order(epilogue.weights)
-    scaling = None
-    if epilogue.scale is not None and epilogue.shift is not None:
-        scaling = in_grouped_order(epilogue.scale), in_grouped_order(epilogue.shift)
-    for expert, rows in grouped.expert_rows:
-        latents = slice(expert * block_size, (expert + 1) * block_size)
-        out = grouped.pre[rows]  # in cache from here on
-        if scaling is not None:
-            out.mul_(scaling[0][rows]).sub_(scaling[1][rows])
-        out.add_(epilogue.bias[latents])
-        if epilogue.norms is not None:
-            out.mul_(epilogue.norms[latents])
-        # weights are >= 0, so weighting before the ReLU gives the same values
-        out.mul_(weights[rows]).relu_()
-    candidates = grouped.pre[grouped.row_of_pair.flatten()]
-    return candidates.view(experts.shape[0], experts.shape[1] * block_size)
-
-
 def candidate_latents(experts: torch.Tensor, block_size: int) -> torch.Tensor:
     """Global latent index of every candidate, slot-major. [tokens, e * m]"""
     offsets = torch.arange(block_size, device=experts.device)
     return (experts[..., None] * block_size + offsets).flatten(1)
-
-
-def keep_top_k(
-    candidates: torch.Tensor,  # [tokens, e * m]
-    experts: torch.Tensor,  # [tokens, e]
-    k: int,
-) -> SparseCode:
-    """Global Top-K over all selected experts' candidate activations at once."""
-    block_size = candidates.shape[1] // experts.shape[1]
-    positions = top_k_positions(candidates.detach(), k)
-    return SparseCode(
-        candidates.gather(1, positions), _global_latents(positions, experts, block_size)
-    )
 
 
 def keep_weighted_top_k(
@@ -443,7 +201,7 @@ def keep_weighted_top_k(
     experts: torch.Tensor,  # [tokens, e]
     k: int,
 ) -> SparseCode:
-    """`keep_top_k` of relu(pre) times each slot's expert weight, differentiable.
+    """Global Top-K of relu(pre) times each slot's expert weight, over all selected experts.
 
     The candidates are built and ranked without autograd; ReLU and weighting are
     then applied again to the k kept entries only, so backward never runs over
@@ -454,7 +212,7 @@ def keep_weighted_top_k(
     with torch.no_grad():
         blocks = pre.reshape(n_tokens, n_active, block_size).relu()
         candidates = (blocks * weights[..., None]).view(n_tokens, n_active * block_size)
-        positions = top_k_positions(candidates, k)
+        positions = candidates.topk(k, dim=-1, sorted=False).indices
     values = pre.gather(1, positions).relu() * weights.gather(
         1, positions // block_size
     )
@@ -546,10 +304,14 @@ def load_balancing_loss(routing: Routing, d_in: int) -> torch.Tensor:
     f_i is the fraction of tokens whose first choice is expert i (no gradient);
     P_i the mean router probability of expert i, through which the gradient flows.
     """
-    n_tokens, n_experts = routing.probs.shape
-    first_choice = torch.bincount(routing.experts[:, 0], minlength=n_experts)
-    token_share = first_choice.to(routing.probs.dtype) / n_tokens
-    return d_in * n_experts * (token_share * routing.probs.mean(dim=0)).sum()
+    probs = routing.probs
+    n_tokens, n_experts = probs.shape
+    first_choice = routing.experts[:, 0]
+    counts = probs.new_zeros(n_experts).index_add_(  # bincount would read the host
+        0, first_choice, torch.ones_like(first_choice, dtype=probs.dtype)
+    )
+    token_share = counts.detach() / n_tokens
+    return d_in * n_experts * (token_share * probs.mean(dim=0)).sum()
 
 
 def dead_latent_code(
@@ -562,7 +324,7 @@ def dead_latent_code(
     latents = candidate_latents(experts, candidate_pre.shape[1] // experts.shape[1])
     is_dead = dead_latents[latents]
     masked = torch.where(is_dead, candidate_pre, float("-inf"))
-    positions = top_k_positions(masked.detach(), min(k_aux, masked.shape[1]))
+    positions = masked.detach().topk(min(k_aux, masked.shape[1]), sorted=False).indices
     values = torch.where(is_dead.gather(1, positions), masked.gather(1, positions), 0.0)
     return SparseCode(values, latents.gather(1, positions))
 

@@ -28,7 +28,7 @@ from typing_extensions import override
 
 from saelens_moe.checks import (
     check_state_dict,
-    raise_if_loss_not_finite,
+    count_dead_if_loss_finite,
     validate_shared_fields,
     validate_training_extras,
 )
@@ -53,7 +53,6 @@ from saelens_moe.saes.experts import (
     per_selected_expert,
     route,
     scatter_to_dense,
-    selected_expert_code,
     selected_expert_pre,
     to_block_sparse,
     to_sparse_coo,
@@ -129,8 +128,6 @@ class ScaleSAE(SAE[ScaleSAEConfig]):
 
         The fast form of `encode`: nothing of size d_sae is built and no
         `hook_sae_acts_post` hook runs. `scatter_to_dense` turns it into `encode`'s output.
-        Under `torch.no_grad()` or `torch.inference_mode()` each expert's epilogue
-        (bias, decoder-norm rescaling, ReLU, weighting) runs on its cached output block.
         """
         return _sparse_code(self, x, scaling=None)
 
@@ -310,34 +307,20 @@ class ScaleTrainingSAE(TrainingSAE[ScaleTrainingSAEConfig]):
             self, self.process_sae_in(sae_in), self.feature_scaling_state()
         )
         sae_out = _finish_decode(self, decode_sparse(encoding.code, encoding.decoder))
-        mse_loss = self.mse_loss_fn(sae_out, sae_in).sum(dim=-1).mean()
-        losses = {
-            "mse_loss": mse_loss,
-            **self._aux_losses(step_input, encoding, sae_out),
-        }
-        code, d_sae = encoding.code, self.cfg.d_sae
-        hidden_pre = to_block_sparse(
-            encoding.candidate_pre.detach(), encoding.routing.experts, d_sae
-        )
-        loss = sum(losses.values(), torch.zeros((), device=sae_out.device))
         step = step_input.n_training_steps
-        raise_if_loss_not_finite(loss, losses, sae_in, step)
-        return TrainStepOutput(
-            sae_in=sae_in,
-            sae_out=sae_out,
-            feature_acts=to_sparse_coo(code.values.detach(), code.latents, d_sae),
-            hidden_pre=hidden_pre,
-            loss=loss,
-            losses=losses,
-            metrics={
-                **track_expert_usage(
-                    self, encoding.routing.experts, self.cfg.n_experts, step
-                ),
-                **training_step_metrics(
-                    encoding.routing, self.omega if self.cfg.feature_scaling else None
-                ),
-            },
+        losses = {
+            "mse_loss": self.mse_loss_fn(sae_out, sae_in).sum(dim=-1).mean(),
+            "load_balancing_loss": self._load_balancing_loss(step_input, encoding),
+        }
+        # AuxK is computed after the check, from the same finite weights and inputs
+        n_dead = count_dead_if_loss_finite(
+            losses, sae_in, step, self._dead_latents(step_input)
         )
+        losses["auxiliary_reconstruction_loss"] = self._dead_latent_loss(
+            step_input, encoding, sae_out, n_dead
+        )
+        # torch.compiler.disable's typing loses the signature
+        return _step_output(self, step_input, encoding, sae_out, losses)  # pyright: ignore[reportCallIssue]
 
     @override
     def calculate_aux_loss(
@@ -350,37 +333,42 @@ class ScaleTrainingSAE(TrainingSAE[ScaleTrainingSAEConfig]):
         encoding = _encode_flat(
             self, self.process_sae_in(step_input.sae_in), self.feature_scaling_state()
         )
-        return self._aux_losses(step_input, encoding, sae_out)
-
-    def _aux_losses(
-        self,
-        step_input: TrainStepInput,
-        encoding: ExpertEncoding,
-        sae_out: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        balance = load_balancing_loss(encoding.routing, self.cfg.d_in)
+        dead = self._dead_latents(step_input)
+        n_dead = 0 if dead is None else int(dead.sum())
         return {
-            "load_balancing_loss": step_input.coefficients["load_balancing"] * balance,
+            "load_balancing_loss": self._load_balancing_loss(step_input, encoding),
             "auxiliary_reconstruction_loss": self._dead_latent_loss(
-                step_input, encoding, sae_out
+                step_input, encoding, sae_out, n_dead
             ),
         }
+
+    def _load_balancing_loss(
+        self, step_input: TrainStepInput, encoding: ExpertEncoding
+    ) -> torch.Tensor:
+        balance = load_balancing_loss(encoding.routing, self.cfg.d_in)
+        return step_input.coefficients["load_balancing"] * balance
+
+    def _dead_latents(self, step_input: TrainStepInput) -> torch.Tensor | None:
+        """The dead-latent mask when AuxK is on. [d_sae] bool"""
+        if self.cfg.aux_loss_coefficient == 0:
+            return None
+        return step_input.dead_neuron_mask
 
     def _dead_latent_loss(
         self,
         step_input: TrainStepInput,
         encoding: ExpertEncoding,
         sae_out: torch.Tensor,
+        n_dead: int,
     ) -> torch.Tensor:
         """SAELens's AuxK loss, drawing only on latents of the selected experts."""
-        dead = step_input.dead_neuron_mask
-        if self.cfg.aux_loss_coefficient == 0 or dead is None:
-            return sae_out.new_zeros(())
-        n_dead = int(dead.sum())
-        if n_dead == 0:
+        dead = self._dead_latents(step_input)
+        if dead is None or n_dead == 0:
             return sae_out.new_zeros(())
         k_aux = self.cfg.d_in // 2
         scale = min(n_dead / k_aux, 1.0)
+        # picks beyond the computed dead latents come back as zeros, so k_aux need
+        # not shrink to n_dead as in SAELens (and stays fixed under torch.compile)
         # dead latents learn at the scale they would compete at: weighted, like the
         # candidates of the main Top-K (the router's weights are not trained here)
         routing = encoding.routing
@@ -388,7 +376,7 @@ class ScaleTrainingSAE(TrainingSAE[ScaleTrainingSAEConfig]):
             encoding.candidate_pre.shape[1] // routing.weights.shape[1], dim=1
         )
         code = dead_latent_code(
-            encoding.candidate_pre * weights, routing.experts, dead, min(k_aux, n_dead)
+            encoding.candidate_pre * weights, routing.experts, dead, k_aux
         )
         recons = decode_sparse(code, encoding.decoder)
         residual = (step_input.sae_in - sae_out).detach()
@@ -471,6 +459,39 @@ AnyScaleSAE = ScaleSAE | ScaleTrainingSAE
 AnyScaleConfig = ScaleSAEConfig | ScaleTrainingSAEConfig
 
 
+@torch.compiler.disable  # sparse tensors and Python-side metrics: eager only
+def _step_output(
+    sae: "ScaleTrainingSAE",
+    step_input: TrainStepInput,
+    encoding: ExpertEncoding,
+    sae_out: torch.Tensor,
+    losses: dict[str, torch.Tensor],
+) -> TrainStepOutput:
+    """SAELens's step output: sparse latents, summed loss, routing metrics."""
+    code, d_sae = encoding.code, sae.cfg.d_sae
+    return TrainStepOutput(
+        sae_in=step_input.sae_in,
+        sae_out=sae_out,
+        feature_acts=to_sparse_coo(code.values.detach(), code.latents, d_sae),
+        hidden_pre=to_block_sparse(
+            encoding.candidate_pre.detach(), encoding.routing.experts, d_sae
+        ),
+        loss=sum(losses.values(), torch.zeros((), device=sae_out.device)),
+        losses=losses,
+        metrics={
+            **track_expert_usage(
+                sae,
+                encoding.routing.experts,
+                sae.cfg.n_experts,
+                step_input.n_training_steps,
+            ),
+            **training_step_metrics(
+                encoding.routing, sae.omega if sae.cfg.feature_scaling else None
+            ),
+        },
+    )
+
+
 def _init_expert_weights(sae: AnyScaleSAE) -> None:
     cfg = sae.cfg
     sae.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=sae.dtype, device=sae.device))
@@ -538,24 +559,9 @@ def _flat_code(
     sae_in: torch.Tensor,  # [..., d_in], already through process_sae_in
     scaling: FeatureScaling | None,
 ) -> tuple[SparseCode, Decoder]:
-    """Only the sparse code: fused per expert when nothing needs the graph or pre-activations."""
-    if _needs_graph(sae, sae_in) or _has_hooks(sae.hook_sae_acts_pre):
-        encoding = _encode_flat(sae, sae_in, scaling)
-        return encoding.code, encoding.decoder
-    cfg = sae.cfg
-    flat_in = sae_in.reshape(-1, cfg.d_in)
-    routing = _route(sae, flat_in)
-    decoder = _decoder(sae)
-    code = selected_expert_code(
-        flat_in, routing, sae.W_enc, sae.b_enc, scaling, decoder.norms, cfg.k
-    )
-    return code, decoder
-
-
-def _needs_graph(sae: AnyScaleSAE, sae_in: torch.Tensor) -> bool:
-    if not torch.is_grad_enabled():
-        return False
-    return sae_in.requires_grad or any(p.requires_grad for p in sae.parameters())
+    """Only the sparse code, and the decoder it was made against."""
+    encoding = _encode_flat(sae, sae_in, scaling)
+    return encoding.code, encoding.decoder
 
 
 def _routed_code(

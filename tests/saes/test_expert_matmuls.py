@@ -1,228 +1,132 @@
-"""The compiled expert matmuls against the PyTorch loop they replace, and their fallbacks."""
+"""The grouped expert matmuls against per-expert matmuls and the every-expert fallback."""
 
-import logging
-from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
 
-from saelens_moe import ScaleSAE, ScaleSAEConfig
-from saelens_moe.saes import expert_matmuls, kernels
-from saelens_moe.saes.expert_matmuls import compiled_expert_matmuls, group_pairs
-from saelens_moe.saes.experts import _expert_matmul_loop, _expert_rows
+from saelens_moe.saes import expert_matmuls
+from saelens_moe.saes.expert_matmuls import grouped_mm_handles, selected_expert_matmuls
 
-# where these hold, the compiled matmuls must run; a failed self-check is a failure
-COMPILABLE = kernels.compiler() is not None and torch.backends.mkl.is_available()
-needs_compiled = pytest.mark.skipif(
-    not COMPILABLE, reason="no C++ compiler or no MKL in PyTorch: the torch loop runs"
-)
-
-
-class Problem:
-    """Routed tokens and a (possibly row-strided) encoder, grouped as the encode groups them."""
-
-    def __init__(
-        self,
-        n_tokens: int,
-        d_in: int,
-        n_experts: int,
-        block_size: int,
-        n_active: int,
-        unused_experts: tuple[int, ...] = (),
-        row_padding: int = 0,
-    ) -> None:
-        self.block_size = block_size
-        self.sae_in = torch.randn(n_tokens, d_in)
-        width = n_experts * block_size
-        self.W_enc = torch.randn(d_in, width + row_padding)[:, :width]
-        scores = torch.rand(n_tokens, n_experts)
-        scores[:, list(unused_experts)] = -1.0
-        experts = scores.topk(n_active, dim=1).indices
-        pair_order, self.counts, _ = group_pairs(experts, n_experts)
-        self.token_of_pair = pair_order // n_active
-        self.expert_of_pair = experts.flatten()[pair_order]
-
-    def compiled(self) -> torch.Tensor | None:
-        return compiled_expert_matmuls(
-            self.sae_in, self.token_of_pair, self.counts, self.W_enc
-        )
-
-    def torch_loop(self) -> torch.Tensor:
-        rows = [(e, r) for e, r in _expert_rows(self.counts) if r.stop > r.start]
-        return _expert_matmul_loop(
-            self.sae_in, self.token_of_pair, rows, self.W_enc, self.block_size
-        )
-
-    def float64_truth(self) -> torch.Tensor:
-        blocks = self.W_enc.double().view(self.W_enc.shape[0], -1, self.block_size)
-        chosen = blocks[:, self.expert_of_pair].transpose(0, 1)  # [pairs, d_in, m]
-        inputs = self.sae_in.double()[self.token_of_pair]
-        return torch.einsum("pd,pdm->pm", inputs, chosen).float()
+D_IN, N_EXPERTS, BLOCK = 16, 4, 8
 
 
 @pytest.fixture(autouse=True)
-def seeded() -> None:
-    torch.manual_seed(5)
+def seed() -> None:
+    torch.manual_seed(0)
+
+
+def problem(
+    n_tokens: int = 20, n_active: int = 2, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    sae_in = torch.randn(n_tokens, D_IN, dtype=dtype, requires_grad=True)
+    W_enc = torch.randn(D_IN, N_EXPERTS * BLOCK, dtype=dtype, requires_grad=True)
+    scores = torch.rand(n_tokens, N_EXPERTS)
+    experts = scores.topk(n_active, dim=-1).indices
+    return sae_in, experts, W_enc
+
+
+def per_expert_mm(
+    sae_in: torch.Tensor, experts: torch.Tensor, W_enc: torch.Tensor
+) -> torch.Tensor:
+    """One matmul per (token, slot): the definition. [tokens, e, m]"""
+    rows = [
+        [sae_in[token] @ W_enc[:, e * BLOCK : (e + 1) * BLOCK] for e in token_experts]
+        for token, token_experts in enumerate(experts.tolist())
+    ]
+    return torch.stack([torch.stack(row) for row in rows])
+
+
+def gradients(output: torch.Tensor, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    weights = torch.linspace(-1, 1, output.numel()).view_as(output).to(output.dtype)
+    return torch.autograd.grad((output * weights).sum(), inputs)
 
 
 @pytest.fixture
-def fresh_check() -> Iterator[None]:
-    expert_matmuls._checked_sgemm.cache_clear()
-    yield
-    expert_matmuls._checked_sgemm.cache_clear()
+def every_expert(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Force the fallback that computes every expert for every token."""
+    monkeypatch.setattr(expert_matmuls, "grouped_mm_handles", lambda *_: False)
 
 
-PROBLEMS = {
-    "gpt2-like block": dict(
-        n_tokens=300, d_in=96, n_experts=8, block_size=48, n_active=2
-    ),
-    "odd sizes": dict(n_tokens=37, d_in=13, n_experts=5, block_size=7, n_active=2),
-    "unused experts": dict(
-        n_tokens=50,
-        d_in=12,
-        n_experts=6,
-        block_size=8,
-        n_active=2,
-        unused_experts=(0, 4),
-    ),
-    "one expert takes all": dict(
-        n_tokens=40,
-        d_in=10,
-        n_experts=4,
-        block_size=6,
-        n_active=1,
-        unused_experts=(0, 1, 3),
-    ),
-    "every expert": dict(n_tokens=9, d_in=11, n_experts=3, block_size=5, n_active=3),
-    "single token": dict(n_tokens=1, d_in=16, n_experts=4, block_size=4, n_active=2),
-    "row-strided encoder": dict(
-        n_tokens=64, d_in=24, n_experts=4, block_size=16, n_active=2, row_padding=5
-    ),
-}
+def test_grouped_mm_takes_float32_bfloat16_and_float16_with_16_byte_rows() -> None:
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert grouped_mm_handles(torch.empty(D_IN, 32, dtype=dtype), BLOCK)
+    assert not grouped_mm_handles(torch.empty(D_IN, 32, dtype=torch.float64), BLOCK)
+    assert not grouped_mm_handles(torch.empty(10, 32), BLOCK)  # 40-byte rows
+    assert not grouped_mm_handles(torch.empty(D_IN, 12), 6)  # 24-byte blocks
+    assert not grouped_mm_handles(torch.empty(32, D_IN).T, BLOCK)  # not contiguous
 
 
-@needs_compiled
-def test_the_compiled_matmuls_pass_their_check_against_torch_mm() -> None:
-    assert expert_matmuls.compiled_matmuls_in_use()
+@pytest.mark.parametrize("n_active", [1, 2, 4])
+def test_grouped_matmuls_equal_one_matmul_per_pair(n_active: int) -> None:
+    sae_in, experts, W_enc = problem(n_active=n_active)
+    grouped = selected_expert_matmuls(sae_in, experts, W_enc, N_EXPERTS)
+    torch.testing.assert_close(grouped, per_expert_mm(sae_in, experts, W_enc))
 
 
-@needs_compiled
-@pytest.mark.parametrize("shape", PROBLEMS.values(), ids=PROBLEMS.keys())
-def test_the_compiled_matmuls_give_the_torch_loops_bits(shape: dict[str, int]) -> None:
-    problem = Problem(**shape)
-    got = problem.compiled()
-    assert got is not None
-    assert torch.equal(got, problem.torch_loop())
-    torch.testing.assert_close(got, problem.float64_truth())
-
-
-def test_the_torch_loop_matches_float64() -> None:
-    problem = Problem(**PROBLEMS["unused experts"])
-    torch.testing.assert_close(problem.torch_loop(), problem.float64_truth())
-
-
-@needs_compiled
-def test_a_single_row_encoder_whose_strides_say_nothing() -> None:
-    """A [1, n] view of a column has strides (1, 1); the BLAS must get n as its stride."""
-    problem = Problem(n_tokens=7, d_in=1, n_experts=2, block_size=4, n_active=1)
-    problem.W_enc = torch.randn(8, 1).T
-    assert problem.W_enc.stride() == (1, 1)
-    got = problem.compiled()
-    assert got is not None
-    assert torch.equal(got, problem.torch_loop())
-
-
-def test_a_d_in_1_sae_encodes_the_same_with_and_without_kernels(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_and_every_expert_paths_agree_on_values_and_gradients(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sae = ScaleSAE(
-        ScaleSAEConfig(d_in=1, d_sae=4, n_experts=1, n_active_experts=1, k=4)
+    sae_in, experts, W_enc = problem(dtype=dtype)
+    grouped = selected_expert_matmuls(sae_in, experts, W_enc, N_EXPERTS)
+    grouped_grads = gradients(grouped, sae_in, W_enc)
+    monkeypatch.setattr(expert_matmuls, "grouped_mm_handles", lambda *_: False)
+    fallback = selected_expert_matmuls(sae_in, experts, W_enc, N_EXPERTS)
+    torch.testing.assert_close(grouped, fallback)
+    # bfloat16 gradients sum 20 rounded products in another order on each path
+    tolerance = {"atol": 0.05, "rtol": 0.02} if dtype == torch.bfloat16 else {}
+    for got, expected in zip(
+        grouped_grads, gradients(fallback, sae_in, W_enc), strict=True
+    ):
+        torch.testing.assert_close(got, expected, **tolerance)
+
+
+def test_experts_without_tokens_get_zero_gradient() -> None:
+    sae_in, _, W_enc = problem()
+    experts = torch.full((20, 1), 2)
+    grouped = selected_expert_matmuls(sae_in, experts, W_enc, N_EXPERTS)
+    (grad_W,) = gradients(grouped, W_enc)
+    blocks = grad_W.view(D_IN, N_EXPERTS, BLOCK)
+    assert blocks[:, [0, 1, 3]].eq(0).all()
+    assert blocks[:, 2].ne(0).any()
+
+
+@pytest.mark.parametrize("requires_grad", [True, False])
+def test_an_empty_batch_gives_an_empty_output(requires_grad: bool) -> None:
+    sae_in, experts, W_enc = problem(n_tokens=0)
+    W_enc.requires_grad_(requires_grad)
+    out = selected_expert_matmuls(sae_in, experts, W_enc, N_EXPERTS)
+    assert out.shape == (0, 2, BLOCK)
+    if requires_grad:
+        (grad_W,) = gradients(out, W_enc)
+        assert grad_W.eq(0).all()
+
+
+def test_autocast_runs_the_experts_in_its_dtype() -> None:
+    sae_in, experts, W_enc = problem()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = selected_expert_matmuls(sae_in, experts, W_enc, N_EXPERTS)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(
+        out.float(), per_expert_mm(sae_in, experts, W_enc), atol=0.1, rtol=0.02
     )
-    x = torch.randn(5, 1)
-    codes, outputs = [], []
-    for switch in ("1", "0"):
-        monkeypatch.setenv(kernels.KERNEL_SWITCH, switch)
-        with torch.no_grad():
-            codes.append(sae.encode(x))
-            outputs.append(sae(x))
-    assert torch.isfinite(outputs[0]).all()
-    assert torch.equal(*codes)
-    torch.testing.assert_close(*outputs)  # kept latents may be summed in another order
+    (grad_W,) = gradients(out, W_enc)
+    assert grad_W.dtype == torch.float32
 
 
-@pytest.mark.parametrize(
-    "unhandled",
-    ["switch off", "float64", "column-strided encoder", "overlapping rows"],
-)
-def test_unhandled_inputs_leave_the_work_to_torch(
-    unhandled: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    problem = Problem(**PROBLEMS["odd sizes"])
-    sae_in, W_enc = problem.sae_in, problem.W_enc
-    if unhandled == "switch off":
-        monkeypatch.setenv(kernels.KERNEL_SWITCH, "0")
-        assert not expert_matmuls.compiled_matmuls_in_use()
-    elif unhandled == "float64":
-        sae_in, W_enc = sae_in.double(), W_enc.double()
-    else:
-        W_enc = W_enc.T.contiguous().T
-    assert (
-        compiled_expert_matmuls(sae_in, problem.token_of_pair, problem.counts, W_enc)
-        is None
-    )
+def test_grouped_mm_op_traces_under_torch_compile() -> None:
+    sae_in, experts, W_enc = problem()
 
+    def matmuls(*args: Any) -> torch.Tensor:
+        return selected_expert_matmuls(*args, N_EXPERTS)
 
-def test_without_mkl_in_torch_the_torch_loop_runs(
-    fresh_check: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(expert_matmuls, "_mkl_sgemm", lambda: None)
-    problem = Problem(**PROBLEMS["odd sizes"])
-    assert not expert_matmuls.compiled_matmuls_in_use()
-    assert problem.compiled() is None
-
-
-@needs_compiled
-def test_a_blas_that_disagrees_with_torch_mm_is_not_used(
-    fresh_check: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    def wrong(*args: object) -> torch.Tensor:
-        return torch.zeros(8, 5)
-
-    monkeypatch.setattr(expert_matmuls, "_run", wrong)
-    with caplog.at_level(logging.WARNING, logger=expert_matmuls.__name__):
-        assert not expert_matmuls.compiled_matmuls_in_use()
-    assert "disagrees with torch.mm" in caplog.text
-
-
-def torch_groups(experts: torch.Tensor, n_experts: int) -> expert_matmuls.PairGroups:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(kernels.KERNEL_SWITCH, "0")
-        return group_pairs(experts, n_experts)
-
-
-@pytest.mark.parametrize(
-    ("n_tokens", "n_active", "n_experts"),
-    [(300, 2, 8), (1, 1, 3), (0, 2, 4), (50, 5, 5)],
-)
-def test_group_pairs_is_a_stable_grouping_by_expert(
-    n_tokens: int, n_active: int, n_experts: int
-) -> None:
-    experts = torch.rand(n_tokens, n_experts).topk(n_active, dim=1).indices
-    groups = group_pairs(experts, n_experts)
-    flat = experts.flatten()
-    assert groups.counts == torch.bincount(flat, minlength=n_experts).tolist()
-    assert bool((flat[groups.order].diff() >= 0).all())  # grouped by expert
-    for expert in range(n_experts):  # token order within each expert
-        assert bool((groups.order[flat[groups.order] == expert].diff() > 0).all())
-    assert torch.equal(groups.order[groups.row_of_pair], torch.arange(flat.numel()))
-    expected = torch_groups(experts, n_experts)
-    assert torch.equal(groups.order, expected.order)
-    assert groups.counts == expected.counts
-    assert torch.equal(groups.row_of_pair, expected.row_of_pair)
-
-
-def test_group_pairs_leaves_experts_out_of_range_to_torch() -> None:
-    experts = torch.tensor([[0, 3], [1, 0]])
-    groups = group_pairs(experts, 2)  # expert 3 does not exist
-    assert groups.counts == torch.bincount(experts.flatten()).tolist()
-    assert torch.equal(groups.order, experts.flatten().argsort(stable=True))
+    compiled = torch.compile(matmuls, fullgraph=True, backend="aot_eager")
+    out = compiled(sae_in, experts, W_enc)
+    torch.testing.assert_close(out, per_expert_mm(sae_in, experts, W_enc))
+    for got, expected in zip(
+        gradients(out, sae_in, W_enc),
+        gradients(matmuls(sae_in, experts, W_enc), sae_in, W_enc),
+        strict=True,
+    ):
+        torch.testing.assert_close(got, expected)
