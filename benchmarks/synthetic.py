@@ -5,7 +5,7 @@
     python benchmarks/synthetic.py --size quick --seeds 0 1 2     # several seeds
 
 All variants share d_sae, k (L0), training tokens and seeds (see
-`saelens_moe.synthetic_benchmark`). For each seed it writes results.md,
+`saelens_moe.ground_truth`, which also runs the quickstart). For each seed it writes results.md,
 results.json and pareto.png under `<output-dir>/<study>/seed_<n>/`, and a
 mean +- std table over seeds to `<output-dir>/<study>/summary.md`.
 """
@@ -17,16 +17,72 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from saelens_moe.synthetic_benchmark import (
+from saelens_moe.ground_truth import (
     SIZES,
     BenchmarkResult,
+    BenchmarkSize,
     Variant,
-    defaults_variants,
     markdown_table,
     run_benchmark,
-    standard_variants,
     write_outputs,
 )
+
+BENCHMARK_SIZES = SIZES | {
+    "full": BenchmarkSize(
+        "full", 4096, 256, 4096, 32, 32, 20_000_000, 4096, 500_000, 64, 5, lr=3e-4
+    ),
+}
+"""The package's sizes plus `full` (4096 features, d_in 256, N 32; for a GPU)."""
+
+
+def standard_variants() -> list[Variant]:
+    """TopK, BatchTopK, Switch, Scale e in {2, 4} and the two Scale ablations."""
+    return [
+        Variant("topk", "topk"),
+        Variant("batchtopk", "batchtopk"),
+        Variant("switch", "switch"),
+        Variant("scale e=2", "scale", {"n_active_experts": 2}),
+        Variant("scale e=4", "scale", {"n_active_experts": 4}),
+        Variant(
+            "scale e=2 no FS",
+            "scale",
+            {"n_active_experts": 2, "feature_scaling": False},
+        ),
+        Variant(
+            "scale N=1 FS",
+            "scale",
+            {"n_experts": 1, "n_active_experts": 1, "feature_scaling": True},
+        ),
+    ]
+
+
+def defaults_variants() -> list[Variant]:
+    """Scale e=2 varied one setting at a time around the package defaults."""
+    base = {"n_active_experts": 2}
+    variants = [Variant("scale e=2 (defaults)", "scale", base)]
+    for coefficient in (0.0, 0.01, 0.3):
+        variants.append(
+            Variant(
+                f"lb={coefficient:g}",
+                "scale",
+                {**base, "load_balancing_coefficient": coefficient},
+            )
+        )
+    variants.append(Variant("auxk off", "scale", {**base, "aux_loss_coefficient": 0.0}))
+    for weighting in ("renormalized", "probs", "uniform"):
+        variants.append(
+            Variant(
+                f"weighting={weighting}",
+                "scale",
+                {**base, "expert_weighting": weighting},
+            )
+        )
+    variants.append(Variant("switch auxk off", "switch", {"aux_loss_coefficient": 0.0}))
+    variants.append(
+        Variant("switch lb=0.01", "switch", {"load_balancing_coefficient": 0.01})
+    )
+    return variants
+
 
 STUDIES = {"standard": standard_variants, "defaults": defaults_variants}
 SUMMARY_FIELDS = (
@@ -45,7 +101,7 @@ SUMMARY_FIELDS = (
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default="quick")
+    parser.add_argument("--size", choices=sorted(BENCHMARK_SIZES), default="quick")
     parser.add_argument(
         "--study", choices=[*STUDIES, "all"], default="standard", help="variant set"
     )
@@ -114,7 +170,11 @@ def run_study(
     runs: list[BenchmarkResult] = []
     for seed in seeds:
         benchmark = run_benchmark(
-            variants, SIZES[size_name], seed=seed, progress=True, n_threads=n_threads
+            variants,
+            BENCHMARK_SIZES[size_name],
+            seed=seed,
+            progress=True,
+            n_threads=n_threads,
         )
         write_outputs(benchmark, root / f"seed_{seed}")
         print(f"\nseed {seed} (load average {benchmark.load_average}):")

@@ -22,7 +22,7 @@ import torch
 from sae_lens import SAE, HookedSAETransformer
 
 import saelens_moe  # noqa: F401  (registers "scale" and "switch" before loading)
-from saelens_moe.saes.experts import route
+from saelens_moe.saes.moe import route
 
 DEFAULT_PROMPTS = (
     "The quick brown fox jumps over the lazy dog.",

@@ -1,5 +1,7 @@
 """Guards that turn silent failures into errors that say what is wrong.
 
+- Scale and Switch SAE config fields out of range raise ValueError naming the
+  field and its allowed values, when the config is built.
 - Config fields SAELens leaves unchecked (dtype, reshape_activations, metadata,
   decoder_init_norm, sizes torch cannot address) raise ValueError naming the field.
 - Weights that disagree with their config (missing, unexpected or misshapen
@@ -15,6 +17,7 @@ from typing import Any
 
 import torch
 from sae_lens.saes.sae import SAEConfig, SAEMetadata, TrainingSAEConfig
+from sae_lens.util import str_to_dtype
 
 from saelens_moe.errors import NonFiniteLossError
 
@@ -128,6 +131,89 @@ def _require_addressable_sizes(cfg: SAEConfig) -> None:
         raise ValueError(
             f"d_in ({d_in}) is too large for learn_lowpass=True: W_lowpass would hold "
             f"d_in**2 elements, more than the {MAX_ELEMENTS} a torch tensor can hold"
+        )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _require_int(cfg: object, name: str, low: int, high: int | None = None) -> int:
+    value = getattr(cfg, name)
+    upper = "" if high is None else f" and <= {high}"
+    if not _is_int(value) or value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be an integer >= {low}{upper}, got {value!r}")
+    return value
+
+
+def _require_bool(cfg: object, name: str) -> None:
+    value = getattr(cfg, name)
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def validate_expert_fields(cfg: Any) -> None:
+    """Refuse an impossible expert layout, naming the field and its allowed values."""
+    from saelens_moe.saes.moe import EXPERT_WEIGHTINGS  # saes imports this module
+
+    _require_int(cfg, "d_in", 1)
+    d_sae = _require_int(cfg, "d_sae", 1)
+    n_experts = _require_int(cfg, "n_experts", 1, d_sae)
+    if d_sae % n_experts:
+        raise ValueError(
+            f"d_sae ({d_sae}) must be divisible by n_experts ({n_experts}): "
+            "every expert owns d_sae / n_experts latents"
+        )
+    n_active = _require_int(cfg, "n_active_experts", 1, n_experts)
+    _require_int(cfg, "k", 1, n_active * (d_sae // n_experts))
+    if cfg.expert_weighting not in EXPERT_WEIGHTINGS:
+        raise ValueError(
+            f"expert_weighting must be one of {EXPERT_WEIGHTINGS}, "
+            f"got {cfg.expert_weighting!r}"
+        )
+    _require_bool(cfg, "rescale_acts_by_decoder_norm")
+    _require_bool(cfg, "apply_b_dec_to_input")
+    _validate_placement(cfg)
+    validate_shared_fields(cfg)
+
+
+def _validate_placement(cfg: Any) -> None:
+    try:
+        str_to_dtype(cfg.dtype)
+    except Exception as error:
+        raise ValueError(f"dtype must name a torch dtype, got {cfg.dtype!r}") from error
+    try:
+        torch.device(cfg.device)
+    except Exception as error:
+        raise ValueError(
+            f"device must name a torch device, got {cfg.device!r}"
+        ) from error
+
+
+def validate_training_fields(cfg: Any) -> None:
+    """Refuse negative or non-finite loss coefficients and the options AuxK cannot use."""
+    for name in ("load_balancing_coefficient", "aux_loss_coefficient"):
+        value = getattr(cfg, name)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value < 0
+        ):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    _require_int(cfg, "load_balancing_warm_up_steps", 0)
+    _require_bool(cfg, "feature_scaling")
+    _require_bool(cfg, "learn_lowpass")
+    validate_training_extras(cfg)
+    if cfg.aux_loss_coefficient > 0 and cfg.normalize_activations in (
+        "constant_norm_rescale",
+        "layer_norm",
+    ):
+        raise ValueError(
+            f"normalize_activations={cfg.normalize_activations!r} cannot be used with "
+            "the AuxK loss (its residual would be in the wrong space): set "
+            "aux_loss_coefficient=0 or normalize_activations to one of 'none', "
+            "'expected_average_only_in', 'covariance_whitening'"
         )
 
 

@@ -18,10 +18,8 @@ Definitions:
   (MoE) or d_in * d_sae (dense).
 """
 
-import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from functools import cache
 from typing import Any, NamedTuple
 
 import torch
@@ -29,7 +27,8 @@ from sae_lens.saes.sae import SAE
 from sae_lens.training.activations_store import ActivationsStore
 from sae_lens.util import cosine_similarities
 
-from saelens_moe.saes.experts import Routing, route
+from saelens_moe.router_health import ExpertLoad, ExpertLoadCounter
+from saelens_moe.saes.moe import Routing, route
 
 DEFAULT_THRESHOLDS: tuple[float, ...] = (0.7, 0.8, 0.9)
 DEFAULT_BLOCK_BYTES = 256 * 2**20
@@ -289,82 +288,6 @@ def feature_dimensionality(
 # ------------------------------------------------------------------------ expert load
 
 
-def normalized_entropy(distribution: torch.Tensor) -> float:
-    """Entropy of a non-negative vector (normalised to sum 1) divided by log(len).
-
-    1 is perfectly uniform, 0 is one-hot; a single entry is trivially balanced (1).
-    """
-    if distribution.numel() <= 1:
-        return 1.0
-    total = distribution.sum()
-    if total <= 0:
-        return 0.0
-    p = distribution.double() / total
-    entropy = -(p * p.clamp(min=1e-300).log()).sum()
-    return (entropy / math.log(distribution.numel())).item()
-
-
-@dataclass(frozen=True)
-class ExpertLoad:
-    """How tokens spread over experts."""
-
-    selected_share: list[float]
-    """Fraction of tokens for which each expert is among the e selected (sums to e)."""
-    first_choice_share: list[float]
-    """Fraction of tokens for which each expert is the most probable (sums to 1)."""
-    selected_entropy: float
-    """Normalised entropy of selected_share: 1 balanced, 0 one expert only."""
-    first_choice_entropy: float
-    """Normalised entropy of first_choice_share."""
-    never_selected: list[int]
-    """Experts no token selected."""
-    n_tokens: int
-    """Tokens counted."""
-
-    def to_dict(self) -> dict[str, Any]:
-        """Keys "expert_load/..." with per-expert lists."""
-        return {
-            "expert_load/selected_share": list(self.selected_share),
-            "expert_load/first_choice_share": list(self.first_choice_share),
-            "expert_load/selected_entropy": self.selected_entropy,
-            "expert_load/first_choice_entropy": self.first_choice_entropy,
-            "expert_load/never_selected": list(self.never_selected),
-            "expert_load/n_never_selected": len(self.never_selected),
-            "expert_load/n_tokens": self.n_tokens,
-        }
-
-
-class ExpertLoadCounter:
-    """Accumulates expert selections over batches of routed tokens."""
-
-    def __init__(self, n_experts: int) -> None:
-        self.selected = torch.zeros(n_experts, dtype=torch.long)
-        self.first_choice = torch.zeros(n_experts, dtype=torch.long)
-        self.n_tokens = 0
-
-    def add(self, experts: torch.Tensor) -> None:
-        """Count one batch of selections, most probable first. [tokens, e]"""
-        n_experts = self.selected.numel()
-        experts = experts.detach().reshape(-1, experts.shape[-1]).cpu()
-        self.selected += torch.bincount(experts.reshape(-1), minlength=n_experts)
-        self.first_choice += torch.bincount(experts[:, 0], minlength=n_experts)
-        self.n_tokens += experts.shape[0]
-
-    def result(self) -> ExpertLoad:
-        """The load over every token added so far."""
-        n = max(self.n_tokens, 1)
-        selected = self.selected.double() / n
-        first = self.first_choice.double() / n
-        return ExpertLoad(
-            selected.tolist(),
-            first.tolist(),
-            normalized_entropy(self.selected),
-            normalized_entropy(self.first_choice),
-            (self.selected == 0).nonzero().flatten().tolist(),
-            self.n_tokens,
-        )
-
-
 def expert_load_from_routing(routing: Routing) -> ExpertLoad:
     """Expert load of one routed batch."""
     counter = ExpertLoadCounter(routing.probs.shape[-1])
@@ -532,61 +455,6 @@ def compute_sae_metrics(
 
 
 # ------------------------------------------------------------ training-time logging
-
-
-def training_step_metrics(
-    routing: Routing, omega: torch.Tensor | None, prefix: str = "moe/"
-) -> dict[str, Callable[[], float]]:
-    """Cheap metrics for `TrainStepOutput.metrics`, as zero-argument callables.
-
-    SAELens evaluates them only on logging steps; they share one computation.
-    Keys: expert-load entropies, never-selected count, per-expert selected share,
-    the balance ratio N * sum_i f_i P_i (1 when balanced; the load-balancing loss
-    divided by alpha * d_in) and omega per expert.
-    """
-    experts = routing.experts.detach()
-    probs = routing.probs.detach()
-
-    @cache
-    def load() -> ExpertLoad:
-        counter = ExpertLoadCounter(probs.shape[-1])
-        counter.add(experts)
-        return counter.result()
-
-    metrics: dict[str, Callable[[], float]] = {
-        f"{prefix}expert_load_entropy": lambda: load().selected_entropy,
-        f"{prefix}first_choice_entropy": lambda: load().first_choice_entropy,
-        f"{prefix}experts_never_selected": lambda: float(len(load().never_selected)),
-        f"{prefix}load_balance_ratio": lambda: balance_ratio(experts, probs),
-    }
-    for expert in range(probs.shape[-1]):
-        metrics[f"{prefix}expert_selected_share/{expert}"] = _share_getter(load, expert)
-    if omega is not None:
-        detached = omega.detach()
-        for expert in range(detached.numel()):
-            metrics[f"{prefix}omega/{expert}"] = _omega_getter(detached, expert)
-    return metrics
-
-
-def _share_getter(load: Callable[[], ExpertLoad], expert: int) -> Callable[[], float]:
-    return lambda: load().selected_share[expert]
-
-
-def _omega_getter(omega: torch.Tensor, expert: int) -> Callable[[], float]:
-    def value() -> float:
-        return float(omega[expert])
-
-    return value
-
-
-def balance_ratio(experts: torch.Tensor, probs: torch.Tensor) -> float:
-    """N * sum_i f_i P_i: f_i first-choice share, P_i mean router probability; min 1."""
-    n_tokens, n_experts = probs.shape
-    first = torch.bincount(experts[:, 0], minlength=n_experts).to(probs.dtype)
-    return (n_experts * (first / n_tokens * probs.mean(dim=0)).sum()).item()
-
-
-# --------------------------------------------------------------------------- evals
 
 
 def decoder_eval_metrics(

@@ -19,14 +19,7 @@ from typing import Any, NamedTuple
 from sae_lens.saes.sae import TrainingSAE
 from sae_lens.synthetic import SyntheticModel
 
-from saelens_moe.metrics import (
-    expert_layout,
-    expert_load,
-    max_cosines,
-    omega_per_expert,
-)
-from saelens_moe.plots import plot_expert_load, plot_omega, plot_redundancy_histogram
-from saelens_moe.synthetic_benchmark import (
+from saelens_moe.ground_truth import (
     SIZES,
     AfterTraining,
     BenchmarkResult,
@@ -37,6 +30,13 @@ from saelens_moe.synthetic_benchmark import (
     variant_slug,
     write_outputs,
 )
+from saelens_moe.metrics import (
+    expert_layout,
+    expert_load,
+    max_cosines,
+    omega_per_expert,
+)
+from saelens_moe.plots import plot_expert_load, plot_omega, plot_redundancy_histogram
 
 DEFAULT_OUTPUT_DIR = Path("quickstart_output")
 

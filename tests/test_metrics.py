@@ -23,9 +23,7 @@ from saelens_moe.metrics import (
     DEFAULT_BLOCK_BYTES,
     DecoderMetricsEvaluator,
     ExpertLayout,
-    ExpertLoadCounter,
     add_decoder_metrics_to_evals,
-    balance_ratio,
     compute_sae_metrics,
     decoder_histograms,
     decoder_redundancy,
@@ -38,13 +36,16 @@ from saelens_moe.metrics import (
     feature_trees,
     latent_dimensionality,
     max_cosines,
-    normalized_entropy,
     omega_per_expert,
     route_activations,
     row_blocks,
-    training_step_metrics,
 )
-from saelens_moe.saes.experts import Routing
+from saelens_moe.router_health import (
+    ExpertLoadCounter,
+    normalized_entropy,
+    routing_metrics,
+)
+from saelens_moe.saes.moe import Routing, load_balance_ratio
 from tests.helpers import TINY_D_MODEL, build_tiny_gpt2, build_token_dataset
 
 
@@ -316,13 +317,13 @@ def test_compute_sae_metrics_on_a_scale_sae_is_json_and_wandb_ready() -> None:
 # ----------------------------------------------------------- training logging
 
 
-def test_training_step_metrics_by_hand_and_lazily() -> None:
+def test_routing_metrics_by_hand_and_lazily() -> None:
     routing = Routing(
         probs=torch.tensor([[0.75, 0.25], [0.25, 0.75], [0.75, 0.25], [0.75, 0.25]]),
         experts=torch.tensor([[0], [1], [0], [0]]),
         weights=torch.ones(4, 1),
     )
-    metrics = training_step_metrics(routing, omega=torch.tensor([0.5, -0.25]))
+    metrics = routing_metrics(routing, omega=torch.tensor([0.5, -0.25]))
     assert all(callable(v) for v in metrics.values())
     values = {key: value() for key, value in metrics.items()}
     assert values["moe/expert_selected_share/0"] == 0.75
@@ -337,7 +338,9 @@ def test_training_step_metrics_by_hand_and_lazily() -> None:
 def test_balance_ratio_is_one_when_balanced() -> None:
     probs = torch.full((4, 4), 0.25)
     experts = torch.tensor([[0], [1], [2], [3]])
-    assert balance_ratio(experts, probs) == pytest.approx(1.0)
+    assert load_balance_ratio(Routing(probs, experts, probs)).item() == pytest.approx(
+        1.0
+    )
 
 
 def test_decoder_metrics_evaluator_keeps_the_inner_metrics() -> None:

@@ -6,7 +6,7 @@ from matplotlib.image import imread
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
 from saelens_moe import ScaleTrainingSAE, ScaleTrainingSAEConfig
-from saelens_moe.metrics import ExpertLoadCounter, max_cosines
+from saelens_moe.metrics import max_cosines
 from saelens_moe.plots import (
     ParetoPoint,
     pareto_front,
@@ -16,6 +16,7 @@ from saelens_moe.plots import (
     plot_redundancy_histogram,
     save_sae_plots,
 )
+from saelens_moe.router_health import ExpertLoadCounter
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -1,14 +1,23 @@
 """Scale SAE: a Mixture-of-Experts SAE with Multiple Expert Activation and Feature Scaling.
 
 "Beyond Redundancy: Diverse and Specialized Multi-Expert Sparse Autoencoder",
-arXiv 2511.05745. A router picks `n_active_experts` of `n_experts` experts per
-token, a global Top-K keeps `k` latents among those experts' latents, and during
-training each expert's encoder is re-weighted around its mean direction.
+arXiv 2511.05745. For a token x (after SAELens's `process_sae_in`, x - b_dec):
+
+1. p = softmax(x W_router + b_router); the router selects the e most probable experts S.
+2. w_i = softmax over the selected p_i (or another `expert_weighting`), for i in S.
+3. W^_i = (1 + omega_i) W_i - omega_i T mu_i: Feature Scaling of expert i's encoder
+   around its mean row mu_i (training only; folded into W_enc on export).
+4. f_i = w_i ReLU(||W_dec|| (W^_i x + b_enc,i)) for the m latents of each i in S.
+5. The K largest f over all selected experts are kept; x_hat = sum_j f_j W_dec[j] /
+   ||W_dec[j]|| + b_dec. Training adds alpha d_in N sum_i f_i P_i, the load balance.
+
+`saelens_moe.saes.moe.dense_forward` is the same in about thirty lines, every expert
+computed and masked: the oracle the classes here are tested against. The classes
+compute only the selected experts, through `COMPUTE` (`saelens_moe.saes.fast`).
 """
 
-import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from sae_lens.saes.sae import (
@@ -21,7 +30,6 @@ from sae_lens.saes.sae import (
     TrainStepOutput,
 )
 from sae_lens.saes.topk_sae import _fold_norm_topk, act_times_W_dec
-from sae_lens.util import str_to_dtype
 from torch import nn
 from transformer_lens.hook_points import HookPoint
 from typing_extensions import override
@@ -29,36 +37,45 @@ from typing_extensions import override
 from saelens_moe.checks import (
     check_state_dict,
     count_dead_if_loss_finite,
-    validate_shared_fields,
-    validate_training_extras,
+    validate_expert_fields,
+    validate_training_fields,
 )
-from saelens_moe.metrics import training_step_metrics
-from saelens_moe.router_health import track_expert_usage
-from saelens_moe.saes.experts import (
-    EXPERT_WEIGHTINGS,
+from saelens_moe.router_health import step_metrics
+from saelens_moe.saes import fast
+from saelens_moe.saes.moe import (
     Decoder,
-    ExpertEncoding,
     ExpertWeighting,
     FeatureScaling,
     Routing,
     SparseCode,
-    candidate_latents,
-    dead_latent_code,
-    decode_sparse,
-    decoder_for,
+    candidate_pre,
+    feature_scaling_anchors,
     fold_feature_scaling,
-    init_router,
-    keep_weighted_top_k,
     load_balancing_loss,
-    per_selected_expert,
     route,
+)
+from saelens_moe.saes.sparse_latents import (
+    candidate_latents,
     scatter_to_dense,
-    selected_expert_pre,
     to_block_sparse,
     to_sparse_coo,
 )
 
+COMPUTE = fast
+"""Where the routed compute comes from: `fast`, or `moe` for the plain versions."""
+
 PAPER_URL = "https://arxiv.org/abs/2511.05745"
+
+
+class ExpertEncoding(NamedTuple):
+    """Everything the routed encoder computed for one batch of tokens."""
+
+    routing: Routing
+    candidate_pre: torch.Tensor
+    """Pre-activations of the selected experts' latents, slot-major. [tokens, e * m]"""
+    code: SparseCode
+    decoder: Decoder
+    """The decoder (and its row norms) the encoding was made against."""
 
 
 @dataclass
@@ -119,9 +136,14 @@ class ScaleSAE(SAE[ScaleSAEConfig]):
         super().initialize_weights()
         _init_expert_weights(self)
 
+    def feature_scaling_state(self) -> FeatureScaling | None:
+        """None: Feature Scaling is folded into W_enc on export."""
+        return None
+
     @override
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return _dense_feature_acts(self, *_routed_code(self, x, scaling=None))
+        encoding, leading = _routed_encoding(self, x, scaling=None)
+        return _dense_feature_acts(self, encoding.code, leading)
 
     def encode_sparse(self, x: torch.Tensor) -> SparseCode:
         """The k kept latents of each token as (values, latents), each [..., k].
@@ -275,7 +297,7 @@ class ScaleTrainingSAE(TrainingSAE[ScaleTrainingSAEConfig]):
     def encode_with_hidden_pre(
         self, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        encoding, leading = _encode_routed(self, x, self.feature_scaling_state())
+        encoding, leading = _routed_encoding(self, x, self.feature_scaling_state())
         return (
             _dense_feature_acts(self, encoding.code, leading),
             _dense_hidden_pre(self, encoding, leading),
@@ -283,8 +305,8 @@ class ScaleTrainingSAE(TrainingSAE[ScaleTrainingSAEConfig]):
 
     @override
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        code, leading = _routed_code(self, x, self.feature_scaling_state())
-        return _dense_feature_acts(self, code, leading)
+        encoding, leading = _routed_encoding(self, x, self.feature_scaling_state())
+        return _dense_feature_acts(self, encoding.code, leading)
 
     def encode_sparse(self, x: torch.Tensor) -> SparseCode:
         """The k kept latents of each token as (values, latents), each [..., k]."""
@@ -303,10 +325,10 @@ class ScaleTrainingSAE(TrainingSAE[ScaleTrainingSAEConfig]):
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         sae_in = step_input.sae_in
-        encoding = _encode_flat(
-            self, self.process_sae_in(sae_in), self.feature_scaling_state()
+        encoding, _ = _routed_encoding(self, sae_in, self.feature_scaling_state())
+        sae_out = _finish_decode(
+            self, COMPUTE.decode_sparse(encoding.code, encoding.decoder)
         )
-        sae_out = _finish_decode(self, decode_sparse(encoding.code, encoding.decoder))
         step = step_input.n_training_steps
         losses = {
             "mse_loss": self.mse_loss_fn(sae_out, sae_in).sum(dim=-1).mean(),
@@ -330,8 +352,8 @@ class ScaleTrainingSAE(TrainingSAE[ScaleTrainingSAEConfig]):
         hidden_pre: torch.Tensor,
         sae_out: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        encoding = _encode_flat(
-            self, self.process_sae_in(step_input.sae_in), self.feature_scaling_state()
+        encoding, _ = _routed_encoding(
+            self, step_input.sae_in, self.feature_scaling_state()
         )
         dead = self._dead_latents(step_input)
         n_dead = 0 if dead is None else int(dead.sum())
@@ -375,10 +397,10 @@ class ScaleTrainingSAE(TrainingSAE[ScaleTrainingSAEConfig]):
         weights = routing.weights.detach().repeat_interleave(
             encoding.candidate_pre.shape[1] // routing.weights.shape[1], dim=1
         )
-        code = dead_latent_code(
+        code = _dead_latent_code(
             encoding.candidate_pre * weights, routing.experts, dead, k_aux
         )
-        recons = decode_sparse(code, encoding.decoder)
+        recons = COMPUTE.decode_sparse(code, encoding.decoder)
         residual = (step_input.sae_in - sae_out).detach()
         loss = (recons - residual).pow(2).sum(dim=-1).mean()
         return self.cfg.aux_loss_coefficient * scale * loss
@@ -456,7 +478,6 @@ class ScaleTrainingSAE(TrainingSAE[ScaleTrainingSAEConfig]):
 
 
 AnyScaleSAE = ScaleSAE | ScaleTrainingSAE
-AnyScaleConfig = ScaleSAEConfig | ScaleTrainingSAEConfig
 
 
 @torch.compiler.disable  # sparse tensors and Python-side metrics: eager only
@@ -478,62 +499,78 @@ def _step_output(
         ),
         loss=sum(losses.values(), torch.zeros((), device=sae_out.device)),
         losses=losses,
-        metrics={
-            **track_expert_usage(
-                sae,
-                encoding.routing.experts,
-                sae.cfg.n_experts,
-                step_input.n_training_steps,
-            ),
-            **training_step_metrics(
-                encoding.routing, sae.omega if sae.cfg.feature_scaling else None
-            ),
-        },
+        metrics=step_metrics(
+            sae,
+            encoding.routing,
+            sae.omega if sae.cfg.feature_scaling else None,
+            step_input.n_training_steps,
+        ),
     )
 
 
 def _init_expert_weights(sae: AnyScaleSAE) -> None:
+    """b_enc zero; W_router as nn.Linear's default (uniform in +-1/sqrt(d_in)), b_router zero."""
+    cfg, dtype, device = sae.cfg, sae.dtype, sae.device
+    sae.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype, device=device))
+    bound = cfg.d_in**-0.5
+    W_router = torch.empty(cfg.d_in, cfg.n_experts, dtype=dtype, device=device)
+    sae.W_router = nn.Parameter(W_router.uniform_(-bound, bound))
+    sae.b_router = nn.Parameter(torch.zeros(cfg.n_experts, dtype=dtype, device=device))
+
+
+def _routed_encoding(
+    sae: AnyScaleSAE, x: torch.Tensor, scaling: FeatureScaling | None
+) -> tuple[ExpertEncoding, torch.Size]:
+    """Steps 1-5 on the selected experts only: the differentiable encoder.
+
+    Also returns x's leading shape, to restore on outputs (which are 2-D here).
+    """
     cfg = sae.cfg
-    sae.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=sae.dtype, device=sae.device))
-    sae.W_router, sae.b_router = init_router(
-        cfg.d_in, cfg.n_experts, sae.dtype, sae.device
-    )
-
-
-def _decoder(sae: AnyScaleSAE) -> Decoder:
-    return decoder_for(sae.W_dec, sae.cfg.rescale_acts_by_decoder_norm)
-
-
-def _route(sae: AnyScaleSAE, flat_in: torch.Tensor) -> Routing:
-    cfg = sae.cfg
-    return route(
+    sae_in = sae.process_sae_in(x)
+    flat_in = sae_in.reshape(-1, cfg.d_in)  # [tokens, d_in]
+    routing = route(
         flat_in, sae.W_router, sae.b_router, cfg.n_active_experts, cfg.expert_weighting
     )
-
-
-def _encode_flat(
-    sae: AnyScaleSAE,
-    sae_in: torch.Tensor,  # [..., d_in], already through process_sae_in
-    scaling: FeatureScaling | None,
-) -> ExpertEncoding:
-    """Route, encode the selected experts and keep the global Top-K. Outputs are 2-D."""
-    cfg = sae.cfg
-    flat_in = sae_in.reshape(-1, cfg.d_in)
-    routing = _route(sae, flat_in)
-    pre = selected_expert_pre(
-        flat_in, routing.experts, sae.W_enc, sae.b_enc, cfg.n_experts, scaling
-    )  # [tokens, e, m]
-    decoder = _decoder(sae)
+    experts, n_experts = routing.experts, cfg.n_experts  # [tokens, e]
+    raw = COMPUTE.selected_expert_matmuls(flat_in, experts, sae.W_enc, n_experts)
+    omega = anchor_dot = None
+    if scaling is not None:
+        omega = _per_selected_expert(scaling.omega, experts)  # [tokens, e]
+        anchors = feature_scaling_anchors(sae.W_enc, scaling, n_experts)
+        anchor_dot = (flat_in @ anchors).gather(1, experts)  # [tokens, e]
+    decoder = COMPUTE.decoder_for(sae.W_dec, cfg.rescale_acts_by_decoder_norm)
+    norms = None
     if decoder.norms is not None:
-        pre = pre * per_selected_expert(
-            decoder.norms.view(cfg.n_experts, -1), routing.experts
-        )
+        norms = _per_selected_expert(decoder.norms.view(n_experts, -1), experts)
+    bias = _per_selected_expert(sae.b_enc.view(n_experts, -1), experts)
+    pre = candidate_pre(raw, omega, anchor_dot, bias, norms)  # [tokens, e, m]
     if _has_hooks(sae.hook_sae_acts_pre):
-        pre = _through_dense_hook(
-            sae.hook_sae_acts_pre, pre, routing.experts, cfg.d_sae
-        )
-    code = keep_weighted_top_k(pre.flatten(1), routing.weights, routing.experts, cfg.k)
-    return ExpertEncoding(routing, pre.flatten(1), code, decoder)
+        pre = _through_dense_hook(sae.hook_sae_acts_pre, pre, experts, cfg.d_sae)
+    code = COMPUTE.keep_top_k(pre, routing.weights, experts, cfg.k)
+    encoding = ExpertEncoding(routing, pre.flatten(1), code, decoder)
+    return encoding, sae_in.shape[:-1]
+
+
+def _sparse_code(
+    sae: AnyScaleSAE, x: torch.Tensor, scaling: FeatureScaling | None
+) -> SparseCode:
+    """The kept latents of x for inference, each [..., k]."""
+    encoding, leading = _routed_encoding(sae, x, scaling)
+    values, latents = encoding.code
+    k = values.shape[-1]
+    return SparseCode(values.view(*leading, k), latents.view(*leading, k))
+
+
+def _per_selected_expert(
+    per_expert: torch.Tensor, experts: torch.Tensor
+) -> torch.Tensor:
+    """The rows of `per_expert` [n_experts, ...] of each selected expert. [tokens, e, ...]
+
+    As an index_select, whose backward is an index_add, several times faster than
+    advanced indexing's accumulating index_put.
+    """
+    picked = per_expert.index_select(0, experts.reshape(-1))
+    return picked.view(*experts.shape, *per_expert.shape[1:])
 
 
 def _through_dense_hook(
@@ -543,42 +580,6 @@ def _through_dense_hook(
     latents = candidate_latents(experts, pre.shape[-1])
     hooked = hook(scatter_to_dense(pre.flatten(1), latents, d_sae))
     return hooked.gather(1, latents).view_as(pre)
-
-
-def _encode_routed(
-    sae: AnyScaleSAE, x: torch.Tensor, scaling: FeatureScaling | None
-) -> tuple[ExpertEncoding, torch.Size]:
-    """The routed encoding of x, and the leading shape to restore ([..., d_sae])."""
-    sae_in = sae.process_sae_in(x)
-    encoding = _encode_flat(sae, sae_in, scaling)
-    return encoding, sae_in.shape[:-1]
-
-
-def _flat_code(
-    sae: AnyScaleSAE,
-    sae_in: torch.Tensor,  # [..., d_in], already through process_sae_in
-    scaling: FeatureScaling | None,
-) -> tuple[SparseCode, Decoder]:
-    """Only the sparse code, and the decoder it was made against."""
-    encoding = _encode_flat(sae, sae_in, scaling)
-    return encoding.code, encoding.decoder
-
-
-def _routed_code(
-    sae: AnyScaleSAE, x: torch.Tensor, scaling: FeatureScaling | None
-) -> tuple[SparseCode, torch.Size]:
-    """The sparse code of x, and the leading shape to restore ([..., d_sae])."""
-    sae_in = sae.process_sae_in(x)
-    code, _ = _flat_code(sae, sae_in, scaling)
-    return code, sae_in.shape[:-1]
-
-
-def _sparse_code(
-    sae: AnyScaleSAE, x: torch.Tensor, scaling: FeatureScaling | None
-) -> SparseCode:
-    (values, latents), leading = _routed_code(sae, x, scaling)
-    k = values.shape[-1]
-    return SparseCode(values.view(*leading, k), latents.view(*leading, k))
 
 
 def _dense_feature_acts(
@@ -617,10 +618,29 @@ def _forward_sparse(
     sae: AnyScaleSAE, x: torch.Tensor, scaling: FeatureScaling | None
 ) -> torch.Tensor:
     """forward() without ever forming a [tokens, d_sae] tensor."""
-    sae_in = sae.process_sae_in(x)
-    decoded = decode_sparse(*_flat_code(sae, sae_in, scaling))
-    decoded = decoded.view(*sae_in.shape[:-1], sae.cfg.d_in)
+    encoding, leading = _routed_encoding(sae, x, scaling)
+    decoded = COMPUTE.decode_sparse(encoding.code, encoding.decoder)
+    decoded = decoded.view(*leading, sae.cfg.d_in)
     return sae.hook_sae_output(_finish_decode(sae, decoded))
+
+
+def _dead_latent_code(
+    candidate_pre: torch.Tensor,  # [tokens, e * m]
+    experts: torch.Tensor,  # [tokens, e]
+    dead_latents: torch.Tensor,  # [d_sae] bool
+    k_aux: int,
+) -> SparseCode:
+    """The k_aux largest pre-activations among computed dead latents (AuxK's input).
+
+    Picks beyond the computed dead latents come back as zeros.
+    """
+    latents = candidate_latents(experts, candidate_pre.shape[1] // experts.shape[1])
+    is_dead = dead_latents[latents]
+    masked = torch.where(is_dead, candidate_pre, float("-inf"))
+    k_aux = min(k_aux, masked.shape[1])
+    positions = masked.detach().topk(k_aux, sorted=False).indices
+    values = torch.where(is_dead.gather(1, positions), masked.gather(1, positions), 0.0)
+    return SparseCode(values, latents.gather(1, positions))
 
 
 def _has_hooks(hook: HookPoint) -> bool:
@@ -658,84 +678,3 @@ def _fold_whitening(
     sae.W_router.data.copy_(matrix @ sae.W_router.data.to(dtype))
     if not sae.cfg.apply_b_dec_to_input:
         sae.b_router.data.sub_(mean.to(sae.device, dtype) @ sae.W_router.data.to(dtype))
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _require_int(cfg: object, name: str, low: int, high: int | None = None) -> int:
-    value = getattr(cfg, name)
-    upper = "" if high is None else f" and <= {high}"
-    if not _is_int(value) or value < low or (high is not None and value > high):
-        raise ValueError(f"{name} must be an integer >= {low}{upper}, got {value!r}")
-    return value
-
-
-def _require_bool(cfg: object, name: str) -> None:
-    value = getattr(cfg, name)
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-
-
-def validate_expert_fields(cfg: AnyScaleConfig) -> None:
-    """Refuse an impossible expert layout, naming the field and its allowed values."""
-    _require_int(cfg, "d_in", 1)
-    d_sae = _require_int(cfg, "d_sae", 1)
-    n_experts = _require_int(cfg, "n_experts", 1, d_sae)
-    if d_sae % n_experts:
-        raise ValueError(
-            f"d_sae ({d_sae}) must be divisible by n_experts ({n_experts}): "
-            "every expert owns d_sae / n_experts latents"
-        )
-    n_active = _require_int(cfg, "n_active_experts", 1, n_experts)
-    _require_int(cfg, "k", 1, n_active * (d_sae // n_experts))
-    if cfg.expert_weighting not in EXPERT_WEIGHTINGS:
-        raise ValueError(
-            f"expert_weighting must be one of {EXPERT_WEIGHTINGS}, "
-            f"got {cfg.expert_weighting!r}"
-        )
-    _require_bool(cfg, "rescale_acts_by_decoder_norm")
-    _require_bool(cfg, "apply_b_dec_to_input")
-    _validate_placement(cfg)
-    validate_shared_fields(cfg)
-
-
-def _validate_placement(cfg: AnyScaleConfig) -> None:
-    try:
-        str_to_dtype(cfg.dtype)
-    except Exception as error:
-        raise ValueError(f"dtype must name a torch dtype, got {cfg.dtype!r}") from error
-    try:
-        torch.device(cfg.device)
-    except Exception as error:
-        raise ValueError(
-            f"device must name a torch device, got {cfg.device!r}"
-        ) from error
-
-
-def validate_training_fields(cfg: ScaleTrainingSAEConfig) -> None:
-    """Refuse negative or non-finite loss coefficients and the options AuxK cannot use."""
-    for name in ("load_balancing_coefficient", "aux_loss_coefficient"):
-        value = getattr(cfg, name)
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-            or value < 0
-        ):
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    _require_int(cfg, "load_balancing_warm_up_steps", 0)
-    _require_bool(cfg, "feature_scaling")
-    _require_bool(cfg, "learn_lowpass")
-    validate_training_extras(cfg)
-    if cfg.aux_loss_coefficient > 0 and cfg.normalize_activations in (
-        "constant_norm_rescale",
-        "layer_norm",
-    ):
-        raise ValueError(
-            f"normalize_activations={cfg.normalize_activations!r} cannot be used with "
-            "the AuxK loss (its residual would be in the wrong space): set "
-            "aux_loss_coefficient=0 or normalize_activations to one of 'none', "
-            "'expected_average_only_in', 'covariance_whitening'"
-        )

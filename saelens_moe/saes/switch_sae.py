@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from typing_extensions import override
 
-from saelens_moe.saes.experts import ExpertWeighting
+from saelens_moe.saes.moe import ExpertWeighting
 from saelens_moe.saes.scale_sae import (
     ScaleSAE,
     ScaleSAEConfig,

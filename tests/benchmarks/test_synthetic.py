@@ -6,13 +6,7 @@ from typing import Any
 
 import pytest
 
-from saelens_moe.synthetic_benchmark import (
-    SIZES,
-    Variant,
-    run_benchmark,
-    sae_config,
-    standard_variants,
-)
+from saelens_moe.ground_truth import SIZES, Variant, run_benchmark, sae_config
 
 SCRIPT = Path(__file__).parents[2] / "benchmarks" / "synthetic.py"
 
@@ -23,6 +17,10 @@ def load_script() -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def standard_variants() -> list[Variant]:
+    return load_script().standard_variants()
 
 
 @pytest.fixture(scope="module")

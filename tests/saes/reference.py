@@ -1,9 +1,8 @@
-"""Slow, obviously-correct Scale SAE implementations that the fast path is tested against.
+"""A per-token Scale SAE forward pass, written apart from the package's own oracle.
 
-Both read the parameters of a `ScaleTrainingSAE` (or `ScaleSAE`) and follow the
-design document's equations literally: `naive_forward` one token at a time,
-`dense_masked_forward` computing every expert for every token and masking (the
-authors' formulation).
+`naive_forward` reads the parameters of a `ScaleTrainingSAE` (or `ScaleSAE`) and
+follows the design document's equations literally, one token at a time; tests hold
+`saelens_moe.saes.moe.dense_forward` (every expert computed and masked) to it.
 """
 
 from typing import NamedTuple
@@ -75,29 +74,4 @@ def naive_forward(sae: ScaleSAE | ScaleTrainingSAE, x: torch.Tensor) -> Referenc
         acts = acts.index_put((torch.cat(candidate_latents)[kept],), values[kept])
         all_acts.append(acts)
     feature_acts = torch.stack(all_acts)
-    return ReferenceOutput(feature_acts, _decode(sae, feature_acts))
-
-
-def dense_masked_forward(
-    sae: ScaleSAE | ScaleTrainingSAE, x: torch.Tensor
-) -> ReferenceOutput:
-    """Every expert computed for every token, unselected experts masked out."""
-    cfg = sae.cfg
-    m = cfg.d_sae // cfg.n_experts
-    sae_in = x - sae.b_dec
-    probs = torch.softmax(sae_in @ sae.W_router + sae.b_router, dim=-1)
-    top_probs, selected = probs.topk(cfg.n_active_experts, dim=-1)
-    weights = torch.stack([_expert_weights(p, cfg.expert_weighting) for p in top_probs])
-    expert_weight = torch.zeros_like(probs).scatter(1, selected, weights)  # [T, N]
-    is_selected = torch.zeros_like(probs, dtype=torch.bool).scatter(1, selected, True)
-    W_hat = torch.cat(
-        [_scaled_rows(sae, i) for i in range(cfg.n_experts)]
-    )  # [d_sae, d_in]
-    pre = sae_in @ W_hat.T + sae.b_enc
-    if cfg.rescale_acts_by_decoder_norm:
-        pre = pre * sae.W_dec.norm(dim=-1)
-    candidates = torch.relu(pre) * expert_weight.repeat_interleave(m, dim=1)
-    candidates = candidates.masked_fill(~is_selected.repeat_interleave(m, dim=1), -1.0)
-    values, latents = candidates.topk(cfg.k, dim=-1)
-    feature_acts = torch.zeros_like(pre).scatter(1, latents, values.clamp(min=0))
     return ReferenceOutput(feature_acts, _decode(sae, feature_acts))

@@ -13,8 +13,8 @@ from saelens_moe import (
     ScaleTrainingSAE,
     ScaleTrainingSAEConfig,
 )
-from saelens_moe.saes.experts import EXPERT_WEIGHTINGS
-from tests.saes.reference import dense_masked_forward, naive_forward
+from saelens_moe.saes.moe import EXPERT_WEIGHTINGS, dense_forward
+from tests.saes.reference import naive_forward
 
 D_IN, D_SAE, N_EXPERTS = 12, 48, 6
 
@@ -112,7 +112,7 @@ def test_dense_masked_reference_agrees_with_naive_reference(
 ) -> None:
     sae = make_sae(expert_weighting=expert_weighting)
     x = torch.randn(7, D_IN)
-    naive, dense = naive_forward(sae, x), dense_masked_forward(sae, x)
+    naive, dense = naive_forward(sae, x), dense_forward(sae, x)
     torch.testing.assert_close(dense.feature_acts, naive.feature_acts)
     torch.testing.assert_close(dense.sae_out, naive.sae_out)
 
@@ -498,7 +498,7 @@ def test_auxk_trains_dead_latents_at_their_weighted_scale() -> None:
 
 def _effective_encoder(sae: ScaleTrainingSAE) -> torch.Tensor:
     """W^ as [d_sae, d_in] rows, Feature Scaling applied."""
-    from saelens_moe.saes.experts import fold_feature_scaling
+    from saelens_moe.saes.moe import fold_feature_scaling
 
     scaling = sae.feature_scaling_state()
     assert scaling is not None

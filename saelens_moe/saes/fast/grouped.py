@@ -6,13 +6,15 @@ boundaries stay on the device. The number of ops is the same whatever the number
 of experts, and nothing is read back to the host, so a GPU never waits on the CPU.
 
 `grouped_mm` takes float32, bfloat16 and float16 on CPU and CUDA, with rows
-aligned to 16 bytes. Elsewhere (float64, odd widths, other devices) every expert
-is computed for every token and the selected blocks are picked: the same values
-at N/e times the cost, still a fixed number of ops with no host read.
+aligned to 16 bytes. Elsewhere (float64, odd widths, other devices) `moe`'s plain
+version runs: every expert computed for every token, the selected blocks picked;
+the same values at N/e times the cost, still a fixed number of ops.
 """
 
 import torch
 import torch.nn.functional as F
+
+from saelens_moe.saes import moe
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _GROUPED_MM_DEVICES = ("cpu", "cuda")
@@ -24,12 +26,12 @@ def selected_expert_matmuls(
     W_enc: torch.Tensor,  # [d_in, d_sae]
     n_experts: int,
 ) -> torch.Tensor:
-    """sae_in @ W_enc[:, block of expert] for each selected expert. [tokens, e, m]"""
+    """`moe.selected_expert_matmuls`, computing only the selected experts. [tokens, e, m]"""
     sae_in, W_enc = _in_compute_dtype(sae_in, W_enc)
     n_tokens, n_active = experts.shape
     block_size = W_enc.shape[1] // n_experts
     if not grouped_mm_handles(W_enc, block_size):
-        return _every_expert_then_select(sae_in, experts, W_enc, n_experts)
+        return moe.selected_expert_matmuls(sae_in, experts, W_enc, n_experts)
     pair_experts, pair_order = experts.reshape(-1).sort(stable=True)
     group_ends = torch.searchsorted(
         pair_experts, torch.arange(n_experts, device=experts.device), right=True
@@ -62,15 +64,6 @@ def _in_compute_dtype(
         dtype = torch.get_autocast_dtype(device)
         return sae_in.to(dtype), W_enc.to(dtype)
     return sae_in.to(W_enc.dtype), W_enc
-
-
-def _every_expert_then_select(
-    sae_in: torch.Tensor, experts: torch.Tensor, W_enc: torch.Tensor, n_experts: int
-) -> torch.Tensor:
-    """The fallback: all experts' pre-activations, then the selected blocks. [tokens, e, m]"""
-    block_size = W_enc.shape[1] // n_experts
-    all_blocks = (sae_in @ W_enc).view(sae_in.shape[0], n_experts, block_size)
-    return all_blocks.gather(1, experts[..., None].expand(-1, -1, block_size))
 
 
 @torch.library.custom_op("saelens_moe::grouped_mm", mutates_args=())

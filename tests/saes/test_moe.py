@@ -1,4 +1,4 @@
-"""The routed fast path against the dense-masked reference.
+"""The routed model, on `fast` and on `moe`'s plain functions, against `moe.dense_forward`.
 
 Comparisons run in float64, where the two differ only by summation order, so the
 default tolerances are tight; one test checks float32 against the float64 truth.
@@ -10,11 +10,17 @@ import pytest
 import torch
 
 from saelens_moe import ScaleTrainingSAE, ScaleTrainingSAEConfig
-from saelens_moe.saes.expert_matmuls import grouped_mm_handles
-from saelens_moe.saes.experts import EXPERT_WEIGHTINGS, route
-from tests.saes.reference import dense_masked_forward
+from saelens_moe.saes import fast, moe, scale_sae
+from saelens_moe.saes.fast.grouped import grouped_mm_handles
+from saelens_moe.saes.moe import EXPERT_WEIGHTINGS, dense_forward, route
 
 D_IN, N_EXPERTS, BLOCK = 10, 4, 6
+
+
+@pytest.fixture(autouse=True, params=["fast", "moe"])
+def compute(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs on the fast subpackage and on the plain functions of `moe`."""
+    monkeypatch.setattr(scale_sae, "COMPUTE", {"fast": fast, "moe": moe}[request.param])
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +70,7 @@ def assert_matches_dense_reference(sae: ScaleTrainingSAE, x: torch.Tensor) -> No
     sae.zero_grad()
 
     d_in = x.shape[-1]
-    reference = dense_masked_forward(sae, x.reshape(-1, d_in))
+    reference = dense_forward(sae, x.reshape(-1, d_in))
     ((reference.sae_out - target.reshape(-1, d_in)) ** 2).sum().backward()
     reference_grads = {
         n: p.grad for n, p in sae.named_parameters() if p.grad is not None
@@ -153,7 +159,7 @@ def assert_float32_close_to_float64_truth(
 ) -> None:
     """The float32 SAE's outputs and gradients against the float64 dense reference."""
     sae64 = make_sae(**fields)
-    reference = dense_masked_forward(sae64, x64)
+    reference = dense_forward(sae64, x64)
     reference.sae_out.pow(2).sum().backward()
     true_grads = {
         n: p.grad.clone() for n, p in sae64.named_parameters() if p.grad is not None

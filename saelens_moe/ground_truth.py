@@ -1,4 +1,4 @@
-"""Ground-truth benchmark of MoE SAEs on `sae_lens.synthetic` data.
+"""Train SAEs on `sae_lens.synthetic` ground truth and score them against it.
 
 Every variant trains through SAELens's `SyntheticSAERunner` on the same synthetic
 model (a feature hierarchy, low-rank correlations, Zipf-distributed firing) with the
@@ -7,8 +7,8 @@ scored against the known features: explained variance, MCC, uniqueness, decoder
 redundancy, dead latents, expert-load entropy, expert purity against the
 hierarchy's trees, encoder multiply-adds per token and training wall time.
 
-`python -m saelens_moe.quickstart` runs a small version; `benchmarks/synthetic.py`
-runs the full comparison and the defaults study.
+This is what `python -m saelens_moe.quickstart` runs; `benchmarks/synthetic.py`
+adds the benchmark's variant sets, its larger size and the defaults study.
 """
 
 import json
@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Callable, Generator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -78,9 +78,6 @@ class BenchmarkSize:
 SIZES: dict[str, BenchmarkSize] = {
     "tiny": BenchmarkSize("tiny", 64, 16, 64, 4, 4, 65_536, 256, 4_096, 4, 3, lr=3e-3),
     "quick": BenchmarkSize("quick", 256, 48, 256, 8, 6, 1_500_000, 1024, 50_000, 12, 4),
-    "full": BenchmarkSize(
-        "full", 4096, 256, 4096, 32, 32, 20_000_000, 4096, 500_000, 64, 5, lr=3e-4
-    ),
 }
 
 
@@ -96,62 +93,13 @@ class Variant:
     """Training-config fields beyond d_in, d_sae and k (n_experts is added for MoE)."""
 
 
-def standard_variants() -> list[Variant]:
-    """TopK, BatchTopK, Switch, Scale e in {2, 4} and the two Scale ablations."""
-    return [
-        Variant("topk", "topk"),
-        Variant("batchtopk", "batchtopk"),
-        Variant("switch", "switch"),
-        Variant("scale e=2", "scale", {"n_active_experts": 2}),
-        Variant("scale e=4", "scale", {"n_active_experts": 4}),
-        Variant(
-            "scale e=2 no FS",
-            "scale",
-            {"n_active_experts": 2, "feature_scaling": False},
-        ),
-        Variant(
-            "scale N=1 FS",
-            "scale",
-            {"n_experts": 1, "n_active_experts": 1, "feature_scaling": True},
-        ),
-    ]
-
-
 def quickstart_variants() -> list[Variant]:
     """TopK for reference, Switch and Scale e=2."""
     return [
         Variant("topk", "topk"),
         Variant("switch", "switch"),
-        *standard_variants()[3:4],
+        Variant("scale e=2", "scale", {"n_active_experts": 2}),
     ]
-
-
-def defaults_variants() -> list[Variant]:
-    """Scale e=2 varied one setting at a time around the package defaults."""
-    base = {"n_active_experts": 2}
-    variants = [Variant("scale e=2 (defaults)", "scale", base)]
-    for coefficient in (0.0, 0.01, 0.3):
-        variants.append(
-            Variant(
-                f"lb={coefficient:g}",
-                "scale",
-                {**base, "load_balancing_coefficient": coefficient},
-            )
-        )
-    variants.append(Variant("auxk off", "scale", {**base, "aux_loss_coefficient": 0.0}))
-    for weighting in ("renormalized", "probs", "uniform"):
-        variants.append(
-            Variant(
-                f"weighting={weighting}",
-                "scale",
-                {**base, "expert_weighting": weighting},
-            )
-        )
-    variants.append(Variant("switch auxk off", "switch", {"aux_loss_coefficient": 0.0}))
-    variants.append(
-        Variant("switch lb=0.01", "switch", {"load_balancing_coefficient": 0.01})
-    )
-    return variants
 
 
 def synthetic_model_config(size: BenchmarkSize, seed: int) -> SyntheticModelConfig:
@@ -471,8 +419,3 @@ def write_outputs(benchmark: BenchmarkResult, output_dir: Path) -> dict[str, Pat
         title=f"Synthetic benchmark ({benchmark.size.name}): EV vs encoder cost",
     )
     return {"table": table, "json": results_json, "pareto": pareto}
-
-
-def with_size_overrides(size: BenchmarkSize, **overrides: Any) -> BenchmarkSize:
-    """A copy of `size` with some fields changed (e.g. training_samples)."""
-    return replace(size, **overrides)

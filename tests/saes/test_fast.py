@@ -1,12 +1,14 @@
-"""The grouped expert matmuls against per-expert matmuls and the every-expert fallback."""
+"""The fast subpackage against `moe`'s plain functions and per-expert matmuls."""
 
 from typing import Any
 
 import pytest
 import torch
 
-from saelens_moe.saes import expert_matmuls
-from saelens_moe.saes.expert_matmuls import grouped_mm_handles, selected_expert_matmuls
+from saelens_moe.saes import fast, moe
+from saelens_moe.saes.fast import grouped as grouped_matmuls
+from saelens_moe.saes.fast.grouped import grouped_mm_handles, selected_expert_matmuls
+from saelens_moe.saes.moe import SparseCode
 
 D_IN, N_EXPERTS, BLOCK = 16, 4, 8
 
@@ -42,12 +44,6 @@ def gradients(output: torch.Tensor, *inputs: torch.Tensor) -> tuple[torch.Tensor
     return torch.autograd.grad((output * weights).sum(), inputs)
 
 
-@pytest.fixture
-def every_expert(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Force the fallback that computes every expert for every token."""
-    monkeypatch.setattr(expert_matmuls, "grouped_mm_handles", lambda *_: False)
-
-
 def test_grouped_mm_takes_float32_bfloat16_and_float16_with_16_byte_rows() -> None:
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         assert grouped_mm_handles(torch.empty(D_IN, 32, dtype=dtype), BLOCK)
@@ -71,7 +67,7 @@ def test_grouped_and_every_expert_paths_agree_on_values_and_gradients(
     sae_in, experts, W_enc = problem(dtype=dtype)
     grouped = selected_expert_matmuls(sae_in, experts, W_enc, N_EXPERTS)
     grouped_grads = gradients(grouped, sae_in, W_enc)
-    monkeypatch.setattr(expert_matmuls, "grouped_mm_handles", lambda *_: False)
+    monkeypatch.setattr(grouped_matmuls, "grouped_mm_handles", lambda *_: False)
     fallback = selected_expert_matmuls(sae_in, experts, W_enc, N_EXPERTS)
     torch.testing.assert_close(grouped, fallback)
     # bfloat16 gradients sum 20 rounded products in another order on each path
@@ -127,6 +123,42 @@ def test_grouped_mm_op_traces_under_torch_compile() -> None:
     for got, expected in zip(
         gradients(out, sae_in, W_enc),
         gradients(matmuls(sae_in, experts, W_enc), sae_in, W_enc),
+        strict=True,
+    ):
+        torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+def test_fast_decoding_equals_moe_decoding_with_gradients(rescale: bool) -> None:
+    W_dec = torch.randn(N_EXPERTS * BLOCK, D_IN, requires_grad=True)
+    values = torch.rand(20, 3, requires_grad=True)
+    latents = torch.randint(0, N_EXPERTS * BLOCK, (20, 3))
+    outputs = []
+    for module in (fast, moe):
+        decoder = module.decoder_for(W_dec, rescale)
+        decoded = module.decode_sparse(SparseCode(values, latents), decoder)
+        norm_term = decoder.norms.sum() if decoder.norms is not None else 0
+        outputs.append((decoded, gradients(decoded + norm_term, values, W_dec)))
+    (fast_out, fast_grads), (moe_out, moe_grads) = outputs
+    torch.testing.assert_close(fast_out, moe_out)
+    for got, expected in zip(fast_grads, moe_grads, strict=True):
+        torch.testing.assert_close(got, expected)
+
+
+def test_fast_top_k_equals_moe_top_k_with_gradients() -> None:
+    pre = torch.randn(20, 2, BLOCK, requires_grad=True)
+    weights = torch.rand(20, 2, requires_grad=True)
+    experts = torch.rand(20, N_EXPERTS).topk(2, dim=-1).indices
+    codes = [module.keep_top_k(pre, weights, experts, 5) for module in (fast, moe)]
+    # the same entries, in whatever order topk returns them: sort by latent
+    fast_code, moe_code = (
+        SparseCode(*(t.gather(1, c.latents.argsort(dim=-1)) for t in c)) for c in codes
+    )
+    torch.testing.assert_close(fast_code.latents, moe_code.latents)
+    torch.testing.assert_close(fast_code.values, moe_code.values)
+    for got, expected in zip(
+        gradients(fast_code.values, pre, weights),
+        gradients(moe_code.values, pre, weights),
         strict=True,
     ):
         torch.testing.assert_close(got, expected)
