@@ -126,7 +126,12 @@ def check_weights_file(weights_path: Path, cfg: SAEConfig, training: bool) -> No
     if not weights_path.is_file():
         raise SAELoadError(weights_path, "missing: an SAE folder needs its weights")
     shapes = _header_shapes(weights_path)
-    problems = state_dict_problems(_meta_state_dict(cfg, training), shapes)
+    sae = _meta_sae(cfg, training)
+    try:  # what SAELens does with the file's tensors first (e.g. fold training-only ones)
+        sae.process_state_dict_for_loading(shapes)
+    except ValueError as error:
+        raise SAELoadError(weights_path, str(error)) from None
+    problems = state_dict_problems(dict(sae.state_dict()), shapes)
     if problems:
         raise SAELoadError(
             weights_path,
@@ -150,10 +155,10 @@ def _header_shapes(weights_path: Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def _meta_state_dict(cfg: SAEConfig, training: bool) -> dict[str, torch.Tensor]:
-    """The state dict the config implies, built on the meta device (no memory)."""
+def _meta_sae(cfg: SAEConfig, training: bool) -> SAE[Any]:
+    """The SAE the config implies, built on the meta device (no memory)."""
     registry = SAE_TRAINING_CLASS_REGISTRY if training else SAE_CLASS_REGISTRY
     sae_cls = registry[cfg.architecture()][0]
     meta_cfg = copy.copy(cfg)
     meta_cfg.device = "meta"
-    return dict(sae_cls(meta_cfg).state_dict())
+    return sae_cls(meta_cfg)

@@ -192,8 +192,8 @@ def test_trainer_resume_restores_optimizer_schedules_and_dead_latent_stats(
 
 @pytest.mark.parametrize(
     ("dtype", "autocast"),
-    [("float32", False), ("float64", False), ("float32", True)],
-    ids=["float32", "float64", "bfloat16-autocast"],
+    [("float32", False), ("float64", False), ("bfloat16", False), ("float32", True)],
+    ids=["float32", "float64", "bfloat16", "bfloat16-autocast"],
 )
 def test_training_steps_have_finite_loss_in_each_precision(
     tmp_path: Path, dtype: str, autocast: bool

@@ -14,13 +14,14 @@ from sae_lens import (
     LanguageModelSAERunnerConfig,
     LanguageModelSAETrainingRunner,
     LoggingConfig,
+    TrainingSAE,
 )
 from sae_lens.evals import EvalConfig, run_evals
 from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.training.activations_store import ActivationsStore
 from safetensors.torch import load_file, save_file
 
-from saelens_moe import ScaleSAE, ScaleTrainingSAE, ScaleTrainingSAEConfig
+from saelens_moe import ScaleSAE, ScaleTrainingSAE, ScaleTrainingSAEConfig, load_sae
 from tests.helpers import TINY_D_MODEL, build_tiny_gpt2, build_token_dataset
 
 HOOK = "blocks.1.hook_resid_post"
@@ -199,3 +200,19 @@ def test_training_resumes_from_a_checkpoint(
     x = held_out_activations(trained["model"])
     assert mse(sae, x) < 0.5 * mse(trained["initial"], x)
     assert (tmp_path / "output" / "cfg.json").exists()
+
+
+def test_a_runner_checkpoint_opens_as_an_inference_sae(trained: dict[str, Any]) -> None:
+    """SAELens writes checkpoints of the training SAE; they open as a ScaleSAE."""
+    checkpoint_root = Path(trained["runner"].cfg.checkpoint_path)
+    folders = sorted({cfg.parent for cfg in checkpoint_root.rglob("cfg.json")})
+    assert folders, "the run should have written a checkpoint"
+    training = TrainingSAE.load_from_disk(folders[0])
+    assert isinstance(training, ScaleTrainingSAE)
+    assert training.cfg.feature_scaling and training.cfg.learn_lowpass
+    x = held_out_activations(trained["model"])
+    with torch.no_grad():
+        expected = training(x)
+        for inference in (SAE.load_from_disk(folders[0]), load_sae(folders[0])):
+            assert isinstance(inference, ScaleSAE)
+            torch.testing.assert_close(inference(x), expected)

@@ -97,7 +97,9 @@ def dense_forward(sae: "ScaleSAE | ScaleTrainingSAE", x: torch.Tensor) -> DenseO
     W_dec = sae.W_dec  # (M, d)
     row_norms = W_dec.norm(dim=-1) if cfg.rescale_acts_by_decoder_norm else None
     norms = None if row_norms is None else row_norms.view(n_experts, -1)
-    pre = candidate_pre(raw, omega, anchor_dot, sae.b_enc.view(n_experts, -1), norms)
+    pre = candidate_pre(raw, omega, anchor_dot, sae.b_enc.view(n_experts, -1))
+    if norms is not None:
+        pre = pre * norms  # decoder rows act as unit directions
     weights = torch.zeros_like(routing.probs).scatter(
         1, routing.experts, routing.weights
     )
@@ -171,17 +173,16 @@ def candidate_pre(
     omega: torch.Tensor | None,  # [tokens, experts]
     anchor_dot: torch.Tensor | None,  # [tokens, experts]: a_i . (x - b_dec)
     bias: torch.Tensor,  # [(tokens,) experts, m]
-    norms: torch.Tensor | None,  # [(tokens,) experts, m]
 ) -> torch.Tensor:
-    """Step 4 before ReLU: n_i * (W^_i (x - b_dec) + b_enc,i). [tokens, experts, m]
+    """Step 4's pre-activation W^_i (x - b_dec) + b_enc,i. [tokens, experts, m]
 
-    W^_i x = (1 + omega_i) W_i x - omega_i (a_i . x), so W^_i is never built.
+    W^_i x = (1 + omega_i) W_i x - omega_i (a_i . x), so W^_i is never built. The
+    decoder norms n_i multiply it next, where SAELens's TopK multiplies them.
     """
     pre = raw
     if omega is not None and anchor_dot is not None:
         pre = (1 + omega)[..., None] * raw - (omega * anchor_dot)[..., None]
-    pre = pre + bias
-    return pre if norms is None else pre * norms
+    return pre + bias
 
 
 def weighted_candidates(pre: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

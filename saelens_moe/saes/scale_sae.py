@@ -188,6 +188,7 @@ class ScaleSAE(SAE[ScaleSAEConfig]):
     @override
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
         super().process_state_dict_for_loading(state_dict)
+        _fold_checkpoint_feature_scaling(self, state_dict)
         check_state_dict(self.state_dict(), state_dict)
 
 
@@ -325,10 +326,14 @@ class ScaleTrainingSAE(TrainingSAE[ScaleTrainingSAEConfig]):
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         sae_in = step_input.sae_in
-        encoding, _ = _routed_encoding(self, sae_in, self.feature_scaling_state())
-        sae_out = _finish_decode(
-            self, COMPUTE.decode_sparse(encoding.code, encoding.decoder)
-        )
+        encoding, leading = _routed_encoding(self, sae_in, self.feature_scaling_state())
+        hooked_acts = None
+        if _has_hooks(self.hook_sae_acts_post):  # dense, as SAELens's TopK gives
+            hooked_acts = _dense_feature_acts(self, encoding.code, leading)
+            sae_out = _decode_dense(self, hooked_acts)
+        else:
+            decoded = COMPUTE.decode_sparse(encoding.code, encoding.decoder)
+            sae_out = _finish_decode(self, decoded)
         step = step_input.n_training_steps
         losses = {
             "mse_loss": self.mse_loss_fn(sae_out, sae_in).sum(dim=-1).mean(),
@@ -342,7 +347,7 @@ class ScaleTrainingSAE(TrainingSAE[ScaleTrainingSAEConfig]):
             step_input, encoding, sae_out, n_dead
         )
         # torch.compiler.disable's typing loses the signature
-        return _step_output(self, step_input, encoding, sae_out, losses)  # pyright: ignore[reportCallIssue]
+        return _step_output(self, step_input, encoding, sae_out, losses, hooked_acts)  # pyright: ignore[reportCallIssue]
 
     @override
     def calculate_aux_loss(
@@ -487,13 +492,17 @@ def _step_output(
     encoding: ExpertEncoding,
     sae_out: torch.Tensor,
     losses: dict[str, torch.Tensor],
+    hooked_acts: torch.Tensor | None,  # [tokens, d_sae], as a hook left them
 ) -> TrainStepOutput:
     """SAELens's step output: sparse latents, summed loss, routing metrics."""
     code, d_sae = encoding.code, sae.cfg.d_sae
+    feature_acts = to_sparse_coo(code.values.detach(), code.latents, d_sae)
+    if hooked_acts is not None:
+        feature_acts = hooked_acts.detach().to_sparse()
     return TrainStepOutput(
         sae_in=step_input.sae_in,
         sae_out=sae_out,
-        feature_acts=to_sparse_coo(code.values.detach(), code.latents, d_sae),
+        feature_acts=feature_acts,
         hidden_pre=to_block_sparse(
             encoding.candidate_pre.detach(), encoding.routing.experts, d_sae
         ),
@@ -543,9 +552,11 @@ def _routed_encoding(
     if decoder.norms is not None:
         norms = _per_selected_expert(decoder.norms.view(n_experts, -1), experts)
     bias = _per_selected_expert(sae.b_enc.view(n_experts, -1), experts)
-    pre = candidate_pre(raw, omega, anchor_dot, bias, norms)  # [tokens, e, m]
-    if _has_hooks(sae.hook_sae_acts_pre):
-        pre = _through_dense_hook(sae.hook_sae_acts_pre, pre, experts, cfg.d_sae)
+    pre = candidate_pre(raw, omega, anchor_dot, bias)  # [tokens, e, m]
+    if _has_hooks(sae.hook_sae_acts_pre):  # before the norms, as SAELens's TopK
+        pre = _through_dense_hook(sae, pre, experts, sae_in.shape[:-1])
+    if norms is not None:
+        pre = pre * norms
     code = COMPUTE.keep_top_k(pre, routing.weights, experts, cfg.k)
     encoding = ExpertEncoding(routing, pre.flatten(1), code, decoder)
     return encoding, sae_in.shape[:-1]
@@ -574,11 +585,13 @@ def _per_selected_expert(
 
 
 def _through_dense_hook(
-    hook: HookPoint, pre: torch.Tensor, experts: torch.Tensor, d_sae: int
+    sae: AnyScaleSAE, pre: torch.Tensor, experts: torch.Tensor, leading: torch.Size
 ) -> torch.Tensor:
-    """Show a hook the [tokens, d_sae] pre-activations and take back its edits."""
+    """Show `hook_sae_acts_pre` the [..., d_sae] pre-activations; take back its edits."""
+    d_sae = sae.cfg.d_sae
     latents = candidate_latents(experts, pre.shape[-1])
-    hooked = hook(scatter_to_dense(pre.flatten(1), latents, d_sae))
+    dense = scatter_to_dense(pre.flatten(1), latents, d_sae).view(*leading, d_sae)
+    hooked = sae.hook_sae_acts_pre(dense).reshape(-1, d_sae)
     return hooked.gather(1, latents).view_as(pre)
 
 
@@ -641,6 +654,30 @@ def _dead_latent_code(
     positions = masked.detach().topk(k_aux, sorted=False).indices
     values = torch.where(is_dead.gather(1, positions), masked.gather(1, positions), 0.0)
     return SparseCode(values, latents.gather(1, positions))
+
+
+def _fold_checkpoint_feature_scaling(sae: ScaleSAE, state_dict: dict[str, Any]) -> None:
+    """A training checkpoint's omega and W_lowpass, folded into W_enc as export does.
+
+    Shapes are checked first, so a bad file is named rather than failing in the fold.
+    """
+    if "omega" not in state_dict:
+        return
+    cfg = sae.cfg
+    needed = {
+        "omega": (cfg.n_experts,),
+        "W_lowpass": (cfg.d_in, cfg.d_in),
+        "W_enc": (cfg.d_in, cfg.d_sae),
+    }
+    for name, shape in needed.items():
+        if name in state_dict and tuple(state_dict[name].shape) != shape:
+            check_state_dict(
+                {name: torch.empty(shape, device="meta")}, {name: state_dict[name]}
+            )
+    scaling = FeatureScaling(state_dict.pop("omega"), state_dict.pop("W_lowpass", None))
+    state_dict["W_enc"] = fold_feature_scaling(
+        state_dict["W_enc"], scaling, cfg.n_experts
+    )
 
 
 def _has_hooks(hook: HookPoint) -> bool:

@@ -241,3 +241,27 @@ def test_graph_breaks_are_the_host_read_and_the_sparse_step_output() -> None:
         True
     }, reasons
     assert any(step_output in reason for reason in reasons), reasons
+
+
+@pytest.mark.parametrize("d_in", [64, 12], ids=["grouped", "misaligned-fallback"])
+@pytest.mark.parametrize(
+    "autocast", [False, True], ids=["bf16-params", "bf16-autocast"]
+)
+def test_bfloat16_trains_with_finite_loss(d_in: int, autocast: bool) -> None:
+    torch.manual_seed(0)
+    dtype = "float32" if autocast else "bfloat16"
+    sae = ScaleTrainingSAE(
+        ScaleTrainingSAEConfig(
+            d_in=d_in, d_sae=8 * BLOCK, k=K, n_experts=8, dtype=dtype
+        )
+    )
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    x = torch.randn(N_TOKENS, d_in, dtype=getattr(torch, dtype))
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = sae.training_forward_pass(step_input(sae, x, n_dead=40)).loss
+        assert torch.isfinite(loss)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(torch.isfinite(p).all() for p in sae.parameters())

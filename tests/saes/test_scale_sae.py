@@ -6,12 +6,17 @@ import pytest
 import torch
 from sae_lens.saes.sae import SAE, TrainingSAE, TrainStepInput
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+from safetensors.torch import load_file, save_file
 
 from saelens_moe import (
     ScaleSAE,
     ScaleSAEConfig,
     ScaleTrainingSAE,
     ScaleTrainingSAEConfig,
+    SwitchSAE,
+    SwitchTrainingSAE,
+    SwitchTrainingSAEConfig,
+    load_sae,
 )
 from saelens_moe.saes.moe import EXPERT_WEIGHTINGS, dense_forward
 from tests.saes.reference import naive_forward
@@ -237,6 +242,47 @@ def test_exported_inference_sae_gives_training_outputs(
     torch.testing.assert_close(loaded.W_dec.norm(dim=-1), torch.ones(D_SAE))
     torch.testing.assert_close(loaded(x), sae(x))
     torch.testing.assert_close(loaded.encode(x), sae.encode(x))
+
+
+@pytest.mark.parametrize(
+    "scaling", FEATURE_SCALING_MODES, ids=["no_fs", "fs", "fs_lowpass"]
+)
+def test_a_training_checkpoint_opens_as_the_inference_sae(
+    tmp_path: Path, scaling: dict[str, bool]
+) -> None:
+    """`save_model` of the training SAE, as SAELens's checkpoints, loads as a ScaleSAE."""
+    sae = make_sae(**scaling)
+    x = torch.randn(2, 5, D_IN)
+    sae.save_model(tmp_path)
+    for loaded in (SAE.load_from_disk(tmp_path), load_sae(tmp_path)):
+        assert type(loaded) is ScaleSAE
+        assert not hasattr(loaded, "omega")
+        torch.testing.assert_close(loaded(x), sae(x))
+        torch.testing.assert_close(loaded.encode(x), sae.encode(x))
+
+
+def test_a_switch_training_checkpoint_opens_as_the_inference_sae(
+    tmp_path: Path,
+) -> None:
+    sae = SwitchTrainingSAE(SwitchTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=3))
+    x = torch.randn(7, D_IN, dtype=torch.float32)
+    sae.save_model(tmp_path)
+    loaded = load_sae(tmp_path)
+    assert type(loaded) is SwitchSAE
+    torch.testing.assert_close(loaded(x), sae(x))
+
+
+def test_a_checkpoint_with_a_misshapen_omega_is_refused_naming_it(
+    tmp_path: Path,
+) -> None:
+    sae = make_sae(feature_scaling=True)
+    sae.save_model(tmp_path)
+    weights = tmp_path / "sae_weights.safetensors"
+    state = load_file(weights)
+    save_file(state | {"omega": torch.zeros(3)}, weights)
+    for loader in (SAE.load_from_disk, load_sae):
+        with pytest.raises(ValueError, match="omega has shape"):
+            loader(tmp_path)
 
 
 def test_training_checkpoint_round_trip_keeps_every_parameter(tmp_path: Path) -> None:
