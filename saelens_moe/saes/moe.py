@@ -19,7 +19,8 @@ of tokens whose first choice is i, P_i its mean probability) [+ SAELens's AuxK].
 and the unselected ones masked out: the oracle every fast path is tested against.
 The SAE classes compute only the selected experts. They call the four functions at
 the bottom of this file through `saelens_moe.saes.fast`, which has faster versions
-of each under the same names; `scale_sae.COMPUTE = moe` runs the model on these.
+of each under the same names; importing `moe as COMPUTE` in `scale_sae.py` instead
+runs the model on these.
 """
 
 from typing import TYPE_CHECKING, Literal, NamedTuple, get_args

@@ -13,7 +13,8 @@ arXiv 2511.05745. For a token x (after SAELens's `process_sae_in`, x - b_dec):
 
 `saelens_moe.saes.moe.dense_forward` is the same in about thirty lines, every expert
 computed and masked: the oracle the classes here are tested against. The classes
-compute only the selected experts, through `COMPUTE` (`saelens_moe.saes.fast`).
+compute only the selected experts, through `COMPUTE`: `saelens_moe.saes.fast`, or
+`saelens_moe.saes.moe`'s plain versions of the same four functions (one import line).
 """
 
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from saelens_moe.checks import (
     validate_training_fields,
 )
 from saelens_moe.router_health import step_metrics
-from saelens_moe.saes import fast
+from saelens_moe.saes import fast as COMPUTE  # `moe as COMPUTE`: no saes/fast needed
 from saelens_moe.saes.moe import (
     Decoder,
     ExpertWeighting,
@@ -60,9 +61,6 @@ from saelens_moe.saes.sparse_latents import (
     to_block_sparse,
     to_sparse_coo,
 )
-
-COMPUTE = fast
-"""Where the routed compute comes from: `fast`, or `moe` for the plain versions."""
 
 PAPER_URL = "https://arxiv.org/abs/2511.05745"
 

@@ -5,8 +5,8 @@
   W_dec's gradient written once.
 - `keep_top_k`: backward over the kept entries only.
 
-Nothing else in the package depends on this subpackage: with
-`scale_sae.COMPUTE = moe` the model runs on the plain versions.
+Only `scale_sae.py` imports this subpackage, in one line (`fast as COMPUTE`); with
+`moe as COMPUTE` there the model runs on the plain versions, and this folder can go.
 """
 
 from saelens_moe.saes.fast.decoder import decode_sparse, decoder_for
