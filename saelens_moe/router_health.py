@@ -209,24 +209,22 @@ def routing_metrics(
     the balance ratio N * sum_i f_i P_i (1 when balanced; the load-balancing loss
     divided by alpha * d_in) and omega per expert.
     """
-    experts = routing.experts.detach()
-    probs = routing.probs.detach()
+    routing = Routing(*(tensor.detach() for tensor in routing))
+    n_experts = routing.probs.shape[-1]
 
     @cache
     def load() -> ExpertLoad:
-        counter = ExpertLoadCounter(probs.shape[-1])
-        counter.add(experts)
+        counter = ExpertLoadCounter(n_experts)
+        counter.add(routing.experts)
         return counter.result()
 
     metrics: dict[str, Callable[[], float]] = {
         f"{prefix}expert_load_entropy": lambda: load().selected_entropy,
         f"{prefix}first_choice_entropy": lambda: load().first_choice_entropy,
         f"{prefix}experts_never_selected": lambda: float(len(load().never_selected)),
-        f"{prefix}load_balance_ratio": lambda: load_balance_ratio(
-            Routing(probs, experts, probs)
-        ).item(),
+        f"{prefix}load_balance_ratio": lambda: load_balance_ratio(routing).item(),
     }
-    for expert in range(probs.shape[-1]):
+    for expert in range(n_experts):
         metrics[f"{prefix}expert_selected_share/{expert}"] = _share_getter(load, expert)
     if omega is not None:
         detached = omega.detach()
