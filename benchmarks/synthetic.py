@@ -28,11 +28,16 @@ from saelens_moe.ground_truth import (
 )
 
 BENCHMARK_SIZES = SIZES | {
+    "realistic": BenchmarkSize(
+        "realistic", 1536, 96, 1536, 8, 8, 500_000, 1024, 50_000, 64, 4, lr=1e-3
+    ),
     "full": BenchmarkSize(
         "full", 4096, 256, 4096, 32, 32, 20_000_000, 4096, 500_000, 64, 5, lr=3e-4
     ),
 }
-"""The package's sizes plus `full` (4096 features, d_in 256, N 32; for a GPU)."""
+"""The package's sizes plus `realistic` (1536 features, d_in 96, d_sae 1536, N 8; the
+K sweep of `synthetic_realistic.py`) and `full` (4096 features, d_in 256, N 32; for
+a GPU)."""
 
 
 def standard_variants() -> list[Variant]:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Generator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from sae_lens.config import LoggingConfig
@@ -35,6 +35,7 @@ from sae_lens.synthetic import (
     eval_sae_on_synthetic_data,
 )
 from tqdm.auto import tqdm
+from typing_extensions import override
 
 # importing saelens_moe.* runs saelens_moe/__init__.py, which registers "scale" and "switch"
 from saelens_moe.metrics import (
@@ -91,6 +92,8 @@ class Variant:
     """SAELens architecture key: "topk", "batchtopk", "switch" or "scale"."""
     options: dict[str, Any] = field(default_factory=dict[str, Any])
     """Training-config fields beyond d_in, d_sae and k (n_experts is added for MoE)."""
+    runner_options: dict[str, Any] = field(default_factory=dict[str, Any])
+    """`SyntheticSAERunnerConfig` fields (lr schedule, dead_feature_window, ...)."""
 
 
 def quickstart_variants() -> list[Variant]:
@@ -175,25 +178,85 @@ class VariantResult:
     """Everything `compute_sae_metrics` and `expert_specialisation` returned."""
 
 
-def _trained_sae(
+class _ReplayedActivations(torch.nn.Module):
+    """Stands in for a `FeatureDictionary`: hands out a recorded token stream in order."""
+
+    def __init__(self, stream: torch.Tensor, feature_vectors: torch.Tensor) -> None:
+        super().__init__()
+        self.stream = stream  # [tokens, d_in]
+        self.feature_vectors = feature_vectors  # read for its device only
+        self.position = 0
+
+    @override
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        batch = features.shape[0]
+        if self.position + batch > self.stream.shape[0]:
+            raise RuntimeError("the recorded training stream is exhausted")
+        out = self.stream[self.position : self.position + batch]
+        self.position += batch
+        return out
+
+
+class _NoFeatures(torch.nn.Module):
+    """Stands in for the activation generator while a recording is replayed."""
+
+    @override
+    def forward(self, batch_size: int) -> torch.Tensor:
+        return torch.empty(batch_size, 0)
+
+
+def record_stream(
+    model: SyntheticModel, size: BenchmarkSize, seed: int
+) -> torch.Tensor:
+    """The training tokens every variant sees, generated once. [training_samples, d_in]
+
+    Generating hierarchical, correlated activations costs more than a training step
+    at the realistic size; replaying one recording also gives every variant exactly
+    the same tokens.
+    """
+    torch.manual_seed(seed)
+    n_batches = -(-size.training_samples // size.batch_size)  # the trainer's count
+    return torch.cat([model.sample(size.batch_size) for _ in range(n_batches)])
+
+
+class _Replay:
+    """What `SyntheticSAERunner` reads of a `SyntheticModel`, replaying a recording."""
+
+    def __init__(self, model: SyntheticModel, stream: torch.Tensor) -> None:
+        self.cfg = model.cfg
+        self.feature_dict = _ReplayedActivations(
+            stream, model.feature_dict.feature_vectors
+        )
+        self.activation_generator = _NoFeatures()
+
+
+def train_variant(
     variant: Variant,
     size: BenchmarkSize,
     model: SyntheticModel,
     seed: int,
     output_path: Path | None,
+    stream: torch.Tensor | None = None,
 ) -> tuple[TrainingSAE[Any], float]:
+    """Train one variant through `SyntheticSAERunner`; the SAE and training seconds.
+
+    With `stream` (`record_stream`), the runner trains on that recording.
+    """
     torch.manual_seed(seed)
+    if stream is not None:
+        model = cast(SyntheticModel, _Replay(model, stream))
+    runner_options: dict[str, Any] = {"lr": size.lr, **variant.runner_options}
     runner_cfg = SyntheticSAERunnerConfig(
         synthetic_model=model.cfg,
         sae=sae_config(variant, size),
         training_samples=size.training_samples,
         batch_size=size.batch_size,
-        lr=size.lr,
         eval_samples=0,
         run_final_eval=False,
         checkpoint_path=None,
         output_path=None if output_path is None else str(output_path),
         logger=LoggingConfig(log_to_wandb=False),
+        **runner_options,
     )
     runner = SyntheticSAERunner(runner_cfg, override_synthetic_model=model)
     torch.manual_seed(seed)
@@ -320,6 +383,7 @@ def run_benchmark(
     after_training: AfterTraining | None = None,
     progress: bool = False,
     n_threads: int | None = 1,
+    replay: bool = False,
 ) -> BenchmarkResult:
     """Train and score every variant on one synthetic model.
 
@@ -327,10 +391,13 @@ def run_benchmark(
     `save_dir/<variant_slug(variant)>`. `after_training` sees each trained
     (training-class) SAE before the next variant starts. `progress` adds a
     progress bar over variants to SAELens's own training bars. `n_threads` sets
-    torch's intra-op threads for the run (see `torch_threads`).
+    torch's intra-op threads for the run (see `torch_threads`). `replay` generates
+    the training tokens once and replays them to every variant (`record_stream`).
     """
     with torch_threads(n_threads):
-        return _run_benchmark(variants, size, seed, save_dir, after_training, progress)
+        return _run_benchmark(
+            variants, size, seed, save_dir, after_training, progress, replay
+        )
 
 
 def _run_benchmark(
@@ -340,15 +407,17 @@ def _run_benchmark(
     save_dir: Path | None,
     after_training: AfterTraining | None,
     progress: bool,
+    replay: bool,
 ) -> BenchmarkResult:
     model = SyntheticModel(synthetic_model_config(size, seed))
+    stream = record_stream(model, size, seed) if replay else None
     torch.manual_seed(seed + 3)
     true_l0 = (model.activation_generator.sample(4096) > 0).float().sum(-1).mean()
     load_start = os.getloadavg()[0]
     results: list[VariantResult] = []
     for variant in tqdm(variants, desc="variants", disable=not progress):
         out = None if save_dir is None else save_dir / variant_slug(variant)
-        sae, seconds = _trained_sae(variant, size, model, seed, out)
+        sae, seconds = train_variant(variant, size, model, seed, out, stream)
         results.append(evaluate_variant(variant, sae, model, size, seconds, seed))
         if after_training is not None:
             after_training(variant, sae, model)

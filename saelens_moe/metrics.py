@@ -201,6 +201,16 @@ def redundancy_from_max_cosines(
     )
 
 
+def highpass_decoder(W_dec: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Each decoder row minus its expert's mean row: the high-pass decoder. [d_sae, d_in]
+
+    The Scale SAE authors' evaluation can measure redundancy on it (a decomposed
+    decoder); `decoder_redundancy(highpass_decoder(W_dec, N), N)` does.
+    """
+    blocks = W_dec.detach().view(n_experts, -1, W_dec.shape[-1])  # [N, m, d_in]
+    return (blocks - blocks.mean(dim=1, keepdim=True)).reshape(W_dec.shape)
+
+
 def decoder_redundancy(
     W_dec: torch.Tensor,  # [d_sae, d_in]
     n_experts: int = 1,

@@ -76,8 +76,8 @@ class SwitchTrainingSAEConfig(ScaleTrainingSAEConfig):
         feature_scaling (bool): Always False: Feature Scaling is the Scale SAE's.
         learn_lowpass (bool): Unused without Feature Scaling; False.
         k, n_experts, load_balancing_coefficient, load_balancing_warm_up_steps,
-            aux_loss_coefficient, rescale_acts_by_decoder_norm and the inherited
-            fields: as in ScaleTrainingSAEConfig.
+            aux_loss_coefficient, dead_latent_window, rescale_acts_by_decoder_norm
+            and the inherited fields: as in ScaleTrainingSAEConfig.
     """
 
     n_active_experts: int = 1
