@@ -8,7 +8,10 @@ output folder:
 
 - results.md, results.json, pareto.png: the comparison;
 - saes/<variant>/: each trained SAE in SAELens format (`SAE.load_from_disk`);
-- plots/<variant>/: redundancy histogram, and for MoE SAEs expert load and omega.
+- plots/<variant>/: redundancy histogram, and for MoE SAEs expert load and omega;
+- plots/<variant>/browser.html: the feature browser (`saelens_moe.browse`) over
+  synthetic activation vectors: each latent's density, activation histogram and
+  top samples, and for MoE SAEs each expert's load, latents and omega.
 """
 
 import argparse
@@ -19,6 +22,7 @@ from typing import Any, NamedTuple
 from sae_lens.saes.sae import TrainingSAE
 from sae_lens.synthetic import SyntheticModel
 
+from saelens_moe.browse import BrowseConfig, browse
 from saelens_moe.ground_truth import (
     SIZES,
     AfterTraining,
@@ -39,6 +43,12 @@ from saelens_moe.metrics import (
 from saelens_moe.plots import plot_expert_load, plot_omega, plot_redundancy_histogram
 
 DEFAULT_OUTPUT_DIR = Path("quickstart_output")
+BROWSER_SAMPLES = 8192
+BROWSER_NOTE = (
+    "Quickstart: synthetic activation vectors from sae_lens.synthetic, with no "
+    "language model, so examples are sample indices and there are no token "
+    "contexts or logits."
+)
 
 
 class QuickstartOutput(NamedTuple):
@@ -51,7 +61,7 @@ class QuickstartOutput(NamedTuple):
     sae_dirs: dict[str, Path]
     """Variant name -> folder holding the SAE in SAELens format."""
     plot_dirs: dict[str, Path]
-    """Variant name -> folder holding its PNGs."""
+    """Variant name -> folder holding its PNGs and its feature browser (browser.html)."""
 
 
 def _plotter(plots_root: Path, plot_dirs: dict[str, Path]) -> AfterTraining:
@@ -69,6 +79,16 @@ def _plotter(plots_root: Path, plot_dirs: dict[str, Path]) -> AfterTraining:
         omega = omega_per_expert(sae)
         if omega is not None:
             plot_omega(omega, folder / "omega.png", title=f"{variant.name}: omega")
+        browse(
+            sae,
+            folder / "browser.html",
+            activations=model.sample(BROWSER_SAMPLES),
+            config=BrowseConfig(
+                n_tokens=BROWSER_SAMPLES,
+                title=f"quickstart · {variant.name}",
+                note=BROWSER_NOTE,
+            ),
+        )
         plot_dirs[variant.name] = folder
 
     return plot

@@ -40,8 +40,40 @@ def test_quickstart_writes_results_and_plots(quickstart: dict[str, Any]) -> None
         "redundancy.png",
         "expert_load.png",
         "omega.png",
+        "browser.html",
     }
-    assert {p.name for p in (out / "plots" / "topk").iterdir()} == {"redundancy.png"}
+    assert {p.name for p in (out / "plots" / "topk").iterdir()} == {
+        "redundancy.png",
+        "browser.html",
+    }
+
+
+def browser_data(page: Path) -> dict[str, Any]:
+    text = page.read_text(encoding="utf-8")
+    start = text.index('<script type="application/json" id="browser-data">')
+    body = text[text.index(">", start) + 1 : text.index("</script>", start)]
+    return json.loads(body)
+
+
+def test_quickstart_writes_a_feature_browser_for_each_sae(
+    quickstart: dict[str, Any],
+) -> None:
+    output: QuickstartOutput = quickstart["output"]
+    scale = browser_data(output.plot_dirs["scale e=2"] / "browser.html")
+    sae = SAE.load_from_disk(str(output.sae_dirs["scale e=2"]))
+    assert scale["meta"]["architecture"] == "scale"
+    assert scale["meta"]["n_tokens"] == 8192
+    assert not scale["meta"]["has_tokens"]  # synthetic vectors: sample indices
+    assert set(scale["pages"]) == {str(j) for j in range(sae.cfg.d_sae)}
+    experts = scale["experts"]
+    assert len(experts["selected_share"]) == sae.cfg.n_experts
+    assert sum(experts["selected_share"]) == pytest.approx(2.0, abs=0.01)
+    assert len(experts["omega"]) == sae.cfg.n_experts  # the training SAE's omega
+    assert sum(scale["fired"]) == pytest.approx(8192 * 4, rel=0.01)  # L0 4
+    top = max(scale["pages"].values(), key=lambda page: len(page["examples"]))
+    assert top["examples"] and "tokens" not in top["examples"][0]
+    topk = browser_data(output.plot_dirs["topk"] / "browser.html")
+    assert topk["experts"] is None
 
 
 def test_quickstart_saes_load_with_saelens_and_reconstruct(
