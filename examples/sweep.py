@@ -15,7 +15,6 @@ Each SAE is saved to `<output_path>/scale_e<e>_k<K>/`, a folder that
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from sae_lens.multi_sae_training_runner import (
@@ -26,6 +25,7 @@ from train_gpt2_layer8 import (
     PAPER,
     Setting,
     add_common_flags,
+    local_overrides,
     sae_config,
     shared_runner_fields,
     smoke_setting,
@@ -69,12 +69,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     setting = smoke_setting() if args.smoke else PAPER
-    overrides: dict[str, Any] = {}
-    if args.smoke:
-        from saelens_moe.tiny import tiny_model_and_tokens
-
-        model, tokens = tiny_model_and_tokens(setting.context_size)
-        overrides = {"override_model": model, "override_dataset": tokens}
+    overrides = local_overrides(setting, args.smoke)
     cfg = sweep_config(setting, args)
     saes = MultiSAETrainingRunner(cfg, **overrides).run()
     folders = {name: args.output_path / name for name in saes}

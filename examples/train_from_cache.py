@@ -32,13 +32,12 @@ from train_gpt2_layer8 import (
     PAPER,
     Setting,
     add_common_flags,
+    push_if_asked,
     sae_config,
     shared_runner_fields,
     smoke_setting,
 )
 from transformer_lens import HookedTransformer
-
-from saelens_moe.hub import push_to_hub
 
 
 def cache_config(
@@ -128,9 +127,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         runner.run()
     # SAELens's store still opens the dataset (though it reads the cache): pass it too
     LanguageModelSAETrainingRunner(training_config(setting, args), **overrides).run()
-    if args.push:
-        sae_id = f"{setting.hook_name}/scale_e{args.n_active_experts}_k{args.k}"
-        print("Uploaded to", push_to_hub({sae_id: args.output_path}, args.push))
+    push_if_asked(setting, args)
     print(f"Saved the Scale SAE trained from {args.cache_path} to {args.output_path}")
     return args.output_path
 

@@ -186,22 +186,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def local_overrides(setting: Setting, smoke: bool) -> dict[str, Any]:
+    """The runner's override_model/override_dataset: the tiny local ones for --smoke."""
+    if not smoke:
+        return {}
+    from saelens_moe.tiny import tiny_model_and_tokens
+
+    model, tokens = tiny_model_and_tokens(setting.context_size)
+    return {"override_model": model, "override_dataset": tokens}
+
+
+def push_if_asked(setting: Setting, args: argparse.Namespace) -> None:
+    """Upload the trained SAE to `--push`, under the hook name and e, K."""
+    if args.push:
+        sae_id = f"{setting.hook_name}/scale_e{args.n_active_experts}_k{args.k}"
+        print("Uploaded to", push_to_hub({sae_id: args.output_path}, args.push))
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
     """Train one Scale SAE in the paper's setting (or its smoke version); returns its folder."""
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     setting = smoke_setting() if args.smoke else PAPER
-    overrides: dict[str, Any] = {}
-    if args.smoke:
-        from saelens_moe.tiny import tiny_model_and_tokens
-
-        model, tokens = tiny_model_and_tokens(setting.context_size)
-        overrides = {"override_model": model, "override_dataset": tokens}
+    overrides = local_overrides(setting, args.smoke)
     cfg = runner_config(setting, args)
     LanguageModelSAETrainingRunner(cfg, **overrides).run()
-    if args.push:
-        sae_id = f"{setting.hook_name}/scale_e{args.n_active_experts}_k{args.k}"
-        print("Uploaded to", push_to_hub({sae_id: args.output_path}, args.push))
+    push_if_asked(setting, args)
     print(f"Saved the Scale SAE to {args.output_path}")
     return args.output_path
 

@@ -13,13 +13,16 @@
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from sae_lens.saes.sae import SAEConfig, SAEMetadata, TrainingSAEConfig
 from sae_lens.util import str_to_dtype
 
 from saelens_moe.errors import NonFiniteLossError
+
+if TYPE_CHECKING:
+    from saelens_moe.saes.parallel import Parallel
 
 MAX_ELEMENTS = 2**63 - 1
 """Most elements one torch tensor can hold (its sizes are signed 64-bit)."""
@@ -202,6 +205,13 @@ def validate_training_fields(cfg: Any) -> None:
         ):
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     _require_int(cfg, "load_balancing_warm_up_steps", 0)
+    window: object = getattr(cfg, "dead_latent_window", None)
+    if window is not None and (
+        isinstance(window, bool) or not isinstance(window, int) or window < 1
+    ):
+        raise ValueError(
+            f"dead_latent_window must be None or an integer >= 1, got {window!r}"
+        )
     _require_bool(cfg, "feature_scaling")
     _require_bool(cfg, "learn_lowpass")
     validate_training_extras(cfg)
@@ -292,11 +302,14 @@ def count_dead_if_loss_finite(
     sae_in: torch.Tensor,
     step: int,
     dead_latents: torch.Tensor | None,  # [d_sae] bool
+    parallel: "Parallel | None" = None,
 ) -> int:
     """The step's one host read: raise unless the losses sum to a finite number,
     else return how many latents are dead (0 without a mask).
 
-    The diagnosis is only computed when the check fails.
+    With `parallel`, every process raises if any process's loss is not finite, and
+    the message names that process's rank. The diagnosis is only computed when the
+    check fails.
     """
     loss = sum(losses.values(), torch.zeros((), device=sae_in.device))
     if loss.device.type == "meta":
@@ -304,9 +317,23 @@ def count_dead_if_loss_finite(
     n_dead = torch.zeros((), dtype=torch.long, device=loss.device)
     if dead_latents is not None:
         n_dead = dead_latents.sum().to(loss.device)
-    finite, dead = torch.stack([torch.isfinite(loss).long(), n_dead]).tolist()
-    if not finite:
-        raise NonFiniteLossError(step, _describe_non_finite(loss, losses, sae_in, step))
+    rank = 0 if parallel is None else parallel.rank
+    failed_rank = (~torch.isfinite(loss)).long() * (rank + 1) - 1  # -1: all finite
+    status = torch.stack([failed_rank, n_dead])
+    if parallel is not None:  # the dead-latent mask is the same on every process
+        parallel.max(status)
+    failed, dead = status.tolist()
+    if failed == rank:
+        message = _describe_non_finite(loss, losses, sae_in, step)
+        if parallel is not None:
+            message = f"rank {rank}: {message}"
+        raise NonFiniteLossError(step, message)
+    if failed >= 0:
+        raise NonFiniteLossError(
+            step,
+            f"training stopped at step {step}: rank {failed}'s loss is not finite "
+            "(its error gives the cause); the weights were not updated.",
+        )
     return dead
 
 

@@ -24,8 +24,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from saelens_moe.saes.moe import Routing, load_balance_ratio
-
 DEFAULT_WINDOW_STEPS = 1000
 MetricValue = torch.Tensor | float | int | Callable[[], torch.Tensor | float | int]
 """A `TrainStepOutput.metrics` value; callables are only evaluated on logging steps."""
@@ -106,27 +104,23 @@ class ExpertUsageMonitor:
         self.window_steps = window_steps
         self.last_usage: ExpertUsage | None = None
         self.warned = False
-        self._counts: torch.Tensor | None = None  # [2, n_experts]: selected, first
-        self._n_tokens = 0
+        self._counts: torch.Tensor | None = None  # [2, n_experts]: first, selected
+        self._n_batches = 0
 
-    def record(self, experts: torch.Tensor, step: int) -> None:
-        """Count a batch's routed experts ([tokens, e], most probable first)."""
-        experts = experts.detach()
-        counts = self._counts_on(experts.device)
-        selected = experts.reshape(-1)
-        counts[0].index_add_(0, selected, torch.ones_like(selected))
-        counts[1].index_add_(0, experts[:, 0], torch.ones_like(experts[:, 0]))
-        self._n_tokens += experts.shape[0]
+    def record(self, counts: torch.Tensor, step: int) -> None:
+        """Add a batch's `routing_counts` [3, n_experts]; close the window if due."""
+        self._counts_on(counts.device).add_(counts[:2].detach())
+        self._n_batches += 1
         if (step + 1) % self.window_steps == 0:
             self.close_window(step)
 
     def close_window(self, step: int) -> ExpertUsage | None:
         """Summarise the window, warn once if the router is unhealthy, start afresh."""
-        if self._counts is None or self._n_tokens == 0:
+        if self._counts is None or self._n_batches == 0:
             return None
         usage = self._summarise(step)
         self._counts.zero_()
-        self._n_tokens = 0
+        self._n_batches = 0
         self.last_usage = usage
         if not usage.healthy and not self.warned:
             self.warned = True
@@ -148,23 +142,23 @@ class ExpertUsageMonitor:
         return self._summarise(-1)
 
     def _summarise(self, step: int) -> ExpertUsage:
-        counts = (
+        first, selected = (
             self._counts.tolist()
             if self._counts is not None
-            else [[0] * self.n_experts] * 2
+            else [[0.0] * self.n_experts] * 2
         )
-        tokens = max(self._n_tokens, 1)
+        n_tokens = round(sum(first))
         return ExpertUsage(
             last_step=step,
-            n_tokens=self._n_tokens,
-            first_choice_share=tuple(count / tokens for count in counts[1]),
-            never_selected=tuple(i for i, count in enumerate(counts[0]) if count == 0),
+            n_tokens=n_tokens,
+            first_choice_share=tuple(count / max(n_tokens, 1) for count in first),
+            never_selected=tuple(i for i, count in enumerate(selected) if count == 0),
         )
 
     def _counts_on(self, device: torch.device) -> torch.Tensor:
         if self._counts is None:
             self._counts = torch.zeros(
-                2, self.n_experts, dtype=torch.long, device=device
+                2, self.n_experts, dtype=torch.float64, device=device
             )
         elif self._counts.device != device:
             self._counts = self._counts.to(device)
@@ -190,39 +184,43 @@ def expert_usage_monitor(
 
 
 def step_metrics(
-    sae: nn.Module, routing: Routing, omega: torch.Tensor | None, step: int
+    sae: nn.Module, counts: torch.Tensor, omega: torch.Tensor | None, step: int
 ) -> dict[str, MetricValue]:
-    """Record one training step's routing; its metrics and the window's, as callables."""
-    n_experts = routing.probs.shape[-1]
-    monitor = expert_usage_monitor(sae, n_experts)
-    monitor.record(routing.experts, step)
-    return {**routing_metrics(routing, omega), **monitor.metrics()}
+    """Record one step's `routing_counts`; its metrics and the window's, as callables."""
+    monitor = expert_usage_monitor(sae, counts.shape[-1])
+    monitor.record(counts, step)
+    return {**routing_metrics(counts, omega), **monitor.metrics()}
 
 
 def routing_metrics(
-    routing: Routing, omega: torch.Tensor | None, prefix: str = "moe/"
+    counts: torch.Tensor, omega: torch.Tensor | None, prefix: str = "moe/"
 ) -> dict[str, Callable[[], float]]:
     """Cheap metrics for `TrainStepOutput.metrics`, as zero-argument callables.
 
-    SAELens evaluates them only on logging steps; they share one computation.
-    Keys: expert-load entropies, never-selected count, per-expert selected share,
-    the balance ratio N * sum_i f_i P_i (1 when balanced; the load-balancing loss
-    divided by alpha * d_in) and omega per expert.
+    `counts` is a batch's `routing_counts` [3, n_experts]. SAELens evaluates the
+    callables only on logging steps; they share one computation. Keys: expert-load
+    entropies, never-selected count, per-expert selected share, the balance ratio
+    N * sum_i f_i P_i (1 when balanced; the load-balancing loss divided by
+    alpha * d_in) and omega per expert.
     """
-    routing = Routing(*(tensor.detach() for tensor in routing))
-    n_experts = routing.probs.shape[-1]
+    counts = counts.detach()
+    n_experts = counts.shape[-1]
 
     @cache
     def load() -> ExpertLoad:
         counter = ExpertLoadCounter(n_experts)
-        counter.add(routing.experts)
+        counter.add_counts(counts)
         return counter.result()
+
+    def balance_ratio() -> float:
+        n_tokens = counts[0].sum()
+        return (n_experts * (counts[0] / n_tokens * counts[2] / n_tokens).sum()).item()
 
     metrics: dict[str, Callable[[], float]] = {
         f"{prefix}expert_load_entropy": lambda: load().selected_entropy,
         f"{prefix}first_choice_entropy": lambda: load().first_choice_entropy,
         f"{prefix}experts_never_selected": lambda: float(len(load().never_selected)),
-        f"{prefix}load_balance_ratio": lambda: load_balance_ratio(routing).item(),
+        f"{prefix}load_balance_ratio": balance_ratio,
     }
     for expert in range(n_experts):
         metrics[f"{prefix}expert_selected_share/{expert}"] = _share_getter(load, expert)
@@ -307,6 +305,13 @@ class ExpertLoadCounter:
         self.selected += torch.bincount(experts.reshape(-1), minlength=n_experts)
         self.first_choice += torch.bincount(experts[:, 0], minlength=n_experts)
         self.n_tokens += experts.shape[0]
+
+    def add_counts(self, counts: torch.Tensor) -> None:
+        """Add `routing_counts` [3, n_experts] (first choice, selected, probability)."""
+        first, selected = counts[:2].detach().cpu().round().long()
+        self.first_choice += first
+        self.selected += selected
+        self.n_tokens += int(first.sum())
 
     def result(self) -> ExpertLoad:
         """The load over every token added so far."""

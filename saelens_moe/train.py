@@ -2,10 +2,13 @@
 
     python -m saelens_moe.train --architecture scale --n_experts 64 ...
     saelens-moe-train --architecture scale ... --push my-org/my-saes
+    torchrun --nproc_per_node 8 -m saelens_moe.train ... [--expert_parallel]
 
 Every flag of `python -m sae_lens.llm_sae_training_runner` works (this module
 imports `saelens_moe`, which registers "scale" and "switch", then hands the
-arguments to SAELens's own parser). The flags below are added on top.
+arguments to SAELens's own parser). The flags below are added on top. Under
+torchrun every process runs this command; `saelens_moe.distributed` says what they
+share (`--train_batch_size_tokens` is the global batch).
 """
 
 import argparse
@@ -17,15 +20,21 @@ from typing import Any, NamedTuple
 from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
 from sae_lens.config import HfDataset
 from sae_lens.llm_sae_training_runner import _parse_cfg_args
+from torch.distributed.elastic.multiprocessing.errors import record
 from transformer_lens import HookedRootModule
 
 from saelens_moe import __version__  # importing saelens_moe registers the architectures
+from saelens_moe.distributed import (
+    DEFAULT_TIMEOUT_S,
+    DistributedSAETrainingRunner,
+    join_process_group,
+)
 from saelens_moe.hub import push_to_hub
 
 HELP_FLAGS = ("-h", "--help")
 
 
-class PublishArgs(NamedTuple):
+class AddedArgs(NamedTuple):
     """The flags this command adds to SAELens's."""
 
     push: str | None
@@ -34,9 +43,13 @@ class PublishArgs(NamedTuple):
     """Folder of the SAE inside the repo; None means the hook name."""
     push_private: bool
     """Create the repo as private if it does not exist yet."""
+    expert_parallel: bool = False
+    """Under torchrun, give each process N/P of the experts (else data parallel)."""
+    collective_timeout_s: float = DEFAULT_TIMEOUT_S
+    """Under torchrun, seconds a process waits for the others before failing."""
 
 
-def _publish_parser() -> argparse.ArgumentParser:
+def _added_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="saelens-moe-train",
         add_help=False,
@@ -61,28 +74,48 @@ def _publish_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="create the repo as private if it does not exist",
     )
+    parser.add_argument(
+        "--expert_parallel",
+        action="store_true",
+        help="under torchrun, each process holds n_experts / nproc of the experts "
+        "(default: every process holds the whole SAE, data parallel)",
+    )
+    parser.add_argument(
+        "--collective_timeout_s",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help="under torchrun, seconds a process waits for the others before the "
+        "job fails",
+    )
     return parser
 
 
-def split_args(argv: Sequence[str]) -> tuple[PublishArgs, list[str]]:
+def split_args(argv: Sequence[str]) -> tuple[AddedArgs, list[str]]:
     """Separate this command's flags from the ones for SAELens's parser."""
-    parser = _publish_parser()
+    parser = _added_parser()
     if any(flag in argv for flag in HELP_FLAGS) or not argv:
         parser.print_help()
         print()
     known, rest = parser.parse_known_args(list(argv))
-    return PublishArgs(known.push, known.push_sae_id, known.push_private), rest
+    extra = AddedArgs(
+        known.push,
+        known.push_sae_id,
+        known.push_private,
+        known.expert_parallel,
+        known.collective_timeout_s,
+    )
+    return extra, rest
 
 
 def parse_args(
     argv: Sequence[str],
-) -> tuple[LanguageModelSAERunnerConfig[Any], PublishArgs]:
-    """The runner config (parsed by SAELens) and the publishing flags."""
-    publish, rest = split_args(argv)
+) -> tuple[LanguageModelSAERunnerConfig[Any], AddedArgs]:
+    """The runner config (parsed by SAELens) and the flags this command adds."""
+    added, rest = split_args(argv)
     cfg = _parse_cfg_args(rest)
-    if publish.push is not None and cfg.output_path is None:
+    if added.push is not None and cfg.output_path is None:
         raise ValueError("--push needs an --output_path to upload from")
-    return cfg, publish
+    return cfg, added
 
 
 def run(
@@ -96,20 +129,31 @@ def run(
     `override_model` and `override_dataset` are passed to the runner, for runs
     with a local model or dataset (as with `LanguageModelSAETrainingRunner`).
     """
-    cfg, publish = parse_args(argv)
-    LanguageModelSAETrainingRunner(
-        cfg, override_dataset=override_dataset, override_model=override_model
-    ).run()
-    if cfg.output_path is None:
+    cfg, added = parse_args(argv)
+    parallel = join_process_group(added.expert_parallel, added.collective_timeout_s)
+    if parallel is None:
+        runner = LanguageModelSAETrainingRunner(
+            cfg, override_dataset=override_dataset, override_model=override_model
+        )
+    else:
+        runner = DistributedSAETrainingRunner(
+            cfg,
+            parallel,
+            override_dataset=override_dataset,
+            override_model=override_model,
+        )
+    runner.run()
+    if cfg.output_path is None or (parallel is not None and parallel.rank != 0):
         return None
     output = Path(cfg.output_path)
-    if publish.push is not None:
-        sae_id = publish.push_sae_id or cfg.hook_name
-        url = push_to_hub({sae_id: output}, publish.push, private=publish.push_private)
+    if added.push is not None:
+        sae_id = added.push_sae_id or cfg.hook_name
+        url = push_to_hub({sae_id: output}, added.push, private=added.push_private)
         print(f"Uploaded {output} to {url} as {sae_id!r}")
     return output
 
 
+@record  # under torchrun: the failing rank's traceback in the job's error summary
 def main() -> None:
     """Console entry point (`saelens-moe-train`)."""
     run(sys.argv[1:])

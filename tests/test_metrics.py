@@ -34,6 +34,7 @@ from saelens_moe.metrics import (
     explained_variance,
     feature_dimensionality,
     feature_trees,
+    highpass_decoder,
     latent_dimensionality,
     max_cosines,
     omega_per_expert,
@@ -45,7 +46,7 @@ from saelens_moe.router_health import (
     normalized_entropy,
     routing_metrics,
 )
-from saelens_moe.saes.moe import Routing, load_balance_ratio
+from saelens_moe.saes.moe import Routing, load_balance_ratio, routing_counts
 from tests.helpers import TINY_D_MODEL, build_tiny_gpt2, build_token_dataset
 
 
@@ -323,7 +324,7 @@ def test_routing_metrics_by_hand_and_lazily() -> None:
         experts=torch.tensor([[0], [1], [0], [0]]),
         weights=torch.ones(4, 1),
     )
-    metrics = routing_metrics(routing, omega=torch.tensor([0.5, -0.25]))
+    metrics = routing_metrics(routing_counts(routing), omega=torch.tensor([0.5, -0.25]))
     assert all(callable(v) for v in metrics.values())
     values = {key: value() for key, value in metrics.items()}
     assert values["moe/expert_selected_share/0"] == 0.75
@@ -510,3 +511,21 @@ def test_expert_specialisation_skips_weak_and_untreed_matches() -> None:
     assert result.n_matched == 2
     assert result.purity == [1.0, None]
     json.dumps(result.to_dict())
+
+
+def test_highpass_decoder_subtracts_each_experts_mean_row_by_hand() -> None:
+    W_dec = torch.tensor([[1.0, 0.0], [3.0, 2.0], [0.0, 1.0], [0.0, 3.0]])
+    expected = torch.tensor([[-1.0, -1.0], [1.0, 1.0], [0.0, -1.0], [0.0, 1.0]])
+    torch.testing.assert_close(highpass_decoder(W_dec, 2), expected)
+    torch.testing.assert_close(highpass_decoder(W_dec, 1), W_dec - W_dec.mean(0))
+
+
+def test_highpass_redundancy_ignores_a_shared_expert_direction() -> None:
+    """Rows that agree only through their expert's common component are not duplicates."""
+    torch.manual_seed(0)
+    common = torch.randn(1, 64) * 10
+    W_dec = common + torch.randn(16, 64)  # one expert, rows close to `common`
+    raw = decoder_redundancy(W_dec).overall.fraction_above[0.9]
+    highpass = decoder_redundancy(highpass_decoder(W_dec, 1)).overall
+    assert raw == 1.0
+    assert highpass.fraction_above[0.8] == 0.0

@@ -68,7 +68,8 @@ def test_split_args_leaves_saelens_flags_alone() -> None:
         ["--push", "org/r", "--sae", "scale", "--push_sae_id", "x", "--push_private"]
     )
 
-    assert publish == ("org/r", "x", True)
+    assert publish[:3] == ("org/r", "x", True)
+    assert publish.expert_parallel is False
     assert rest == ["--sae", "scale"]
 
 

@@ -191,24 +191,41 @@ def weighted_candidates(pre: torch.Tensor, weights: torch.Tensor) -> torch.Tenso
     return pre.relu() * weights[..., None]
 
 
-def load_balance_ratio(routing: Routing) -> torch.Tensor:
+def routing_counts(routing: Routing) -> torch.Tensor:
+    """Per expert: first-choice count, selected count, summed probability. [3, n_experts]
+
+    Sums over tokens, so several batches' (or processes') counts add up; float32, so
+    counts stay exact in low-precision training. No gradient.
+    """
+    probs, experts = routing.probs.detach().float(), routing.experts
+    counts = probs.new_zeros(2, probs.shape[-1])
+    ones = torch.ones_like(experts, dtype=probs.dtype)
+    counts[0].index_add_(0, experts[:, 0], ones[:, 0])  # bincount would read the host
+    counts[1].index_add_(0, experts.reshape(-1), ones.reshape(-1))
+    return torch.cat([counts, probs.sum(dim=0)[None]])
+
+
+def load_balance_ratio(
+    routing: Routing, counts: torch.Tensor | None = None
+) -> torch.Tensor:
     """N * sum_i f_i P_i: 1 when balanced, N when one expert takes everything.
 
     f_i is the share of tokens whose first choice is expert i (no gradient); P_i the
-    mean router probability of expert i, through which the gradient flows.
+    mean router probability of expert i, through which the gradient flows. `counts`
+    (`routing_counts`, e.g. summed over processes) gives f_i over more tokens.
     """
-    probs = routing.probs
-    n_tokens, n_experts = probs.shape
-    first_choice = routing.experts[:, 0]
-    counts = probs.new_zeros(n_experts).index_add_(  # bincount would read the host
-        0, first_choice, torch.ones_like(first_choice, dtype=probs.dtype)
-    )
-    return n_experts * (counts.detach() / n_tokens * probs.mean(dim=0)).sum()
+    if counts is None:
+        counts = routing_counts(routing)
+    first_choice = counts[0]
+    share = (first_choice / first_choice.sum()).to(routing.probs.dtype)
+    return routing.probs.shape[-1] * (share * routing.probs.mean(dim=0)).sum()
 
 
-def load_balancing_loss(routing: Routing, d_in: int) -> torch.Tensor:
+def load_balancing_loss(
+    routing: Routing, d_in: int, counts: torch.Tensor | None = None
+) -> torch.Tensor:
     """d_in * N * sum_i f_i P_i (Switch Transformer form; its minimum is d_in)."""
-    return d_in * load_balance_ratio(routing)
+    return d_in * load_balance_ratio(routing, counts)
 
 
 # The four functions the SAE classes call through `saelens_moe.saes.fast`: here in

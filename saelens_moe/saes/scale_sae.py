@@ -54,7 +54,9 @@ from saelens_moe.saes.moe import (
     fold_feature_scaling,
     load_balancing_loss,
     route,
+    routing_counts,
 )
+from saelens_moe.saes.parallel import ExpertExchange, Parallel
 from saelens_moe.saes.sparse_latents import (
     candidate_latents,
     scatter_to_dense,
@@ -63,6 +65,8 @@ from saelens_moe.saes.sparse_latents import (
 )
 
 PAPER_URL = "https://arxiv.org/abs/2511.05745"
+DEFAULT_DEAD_LATENT_WINDOW = 100
+"""Steps without firing after which AuxK trains a latent (benchmarks/README.md)."""
 
 
 class ExpertEncoding(NamedTuple):
@@ -73,7 +77,10 @@ class ExpertEncoding(NamedTuple):
     """Pre-activations of the selected experts' latents, slot-major. [tokens, e * m]"""
     code: SparseCode
     decoder: Decoder
-    """The decoder (and its row norms) the encoding was made against."""
+    """The decoder (and its row norms) the encoding was made against; under expert
+    parallelism this process's rows only."""
+    exchange: ExpertExchange | None
+    """How pairs travel to the experts' processes, under expert parallelism."""
 
 
 @dataclass
@@ -128,6 +135,8 @@ class ScaleSAE(SAE[ScaleSAEConfig]):
     b_enc: nn.Parameter
     W_router: nn.Parameter
     b_router: nn.Parameter
+    parallel: Parallel | None = None
+    """Always None: inference runs in one process."""
 
     @override
     def initialize_weights(self) -> None:
@@ -223,11 +232,17 @@ class ScaleTrainingSAEConfig(TrainingSAEConfig):
             off left 121 instead of 6 of 256 latents dead and lowered explained
             variance by 0.04 (benchmarks/README.md). It trains dead latents on the
             expert-weighted pre-activations, the scale at which they compete.
+        dead_latent_window (int | None): Steps a latent may go without firing before
+            AuxK counts it as dead, tracked by the SAE from its first step; AuxK also
+            counts the latents the trainer's dead_neuron_mask marks (SAELens's
+            dead_feature_window, 1000 steps by default). None: the trainer's mask only.
         rescale_acts_by_decoder_norm (bool): Treat decoder rows as unit directions:
             pre-activations are multiplied by the row norms before ReLU, weighting
             and Top-K, and divided out when decoding (SAELens TopK's convention).
-        decoder_init_norm (float | None): Initial decoder row norm. Inherited from
-            TrainingSAEConfig.
+        decoder_init_norm (float | None): Initial decoder row norm (W_enc starts as
+            W_dec.T). 1.0 here, against SAELens's 0.1: on the realistic synthetic
+            benchmark it raised explained variance by 0.06-0.12 and left 0-78 instead
+            of 207-1028 of 1536 latents dead (benchmarks/README.md).
         d_in (int): Input width. Inherited from SAEConfig.
         d_sae (int): Total dictionary width over all experts. Inherited from SAEConfig.
         dtype (str): Parameter dtype. Inherited from SAEConfig.
@@ -249,6 +264,8 @@ class ScaleTrainingSAEConfig(TrainingSAEConfig):
     load_balancing_coefficient: float = 3.0
     load_balancing_warm_up_steps: int = 0
     aux_loss_coefficient: float = 1.0
+    dead_latent_window: int | None = DEFAULT_DEAD_LATENT_WINDOW
+    decoder_init_norm: float | None = 1.0
     rescale_acts_by_decoder_norm: bool = True
 
     @override
@@ -271,6 +288,11 @@ class ScaleTrainingSAE(TrainingSAE[ScaleTrainingSAEConfig]):
     b_router: nn.Parameter
     omega: nn.Parameter
     W_lowpass: nn.Parameter
+    parallel: Parallel | None = None
+    """Set by `saelens_moe.distributed` when several processes train this SAE."""
+    steps_since_fired: torch.Tensor | None = None
+    """Training steps since each latent last fired, when `dead_latent_window` is set;
+    made at the first step, not saved (a resumed run counts afresh). [d_sae]"""
 
     @override
     def initialize_weights(self) -> None:
@@ -330,22 +352,33 @@ class ScaleTrainingSAE(TrainingSAE[ScaleTrainingSAEConfig]):
             hooked_acts = _dense_feature_acts(self, encoding.code, leading)
             sae_out = _decode_dense(self, hooked_acts)
         else:
-            decoded = COMPUTE.decode_sparse(encoding.code, encoding.decoder)
-            sae_out = _finish_decode(self, decoded)
+            sae_out = _finish_decode(self, _decode_code(self, encoding, encoding.code))
         step = step_input.n_training_steps
+        counts = self._routing_counts(encoding.routing)
         losses = {
             "mse_loss": self.mse_loss_fn(sae_out, sae_in).sum(dim=-1).mean(),
-            "load_balancing_loss": self._load_balancing_loss(step_input, encoding),
+            "load_balancing_loss": self._load_balancing_loss(
+                step_input, encoding, counts
+            ),
         }
         # AuxK is computed after the check, from the same finite weights and inputs
         n_dead = count_dead_if_loss_finite(
-            losses, sae_in, step, self._dead_latents(step_input)
+            losses, sae_in, step, self._dead_latents(step_input), self.parallel
         )
         losses["auxiliary_reconstruction_loss"] = self._dead_latent_loss(
             step_input, encoding, sae_out, n_dead
         )
+        self._count_steps_since_fired(encoding.code)
         # torch.compiler.disable's typing loses the signature
-        return _step_output(self, step_input, encoding, sae_out, losses, hooked_acts)  # pyright: ignore[reportCallIssue]
+        return _step_output(
+            self,
+            step_input,  # pyright: ignore[reportCallIssue]
+            encoding,
+            sae_out,
+            losses,
+            hooked_acts,
+            counts,
+        )
 
     @override
     def calculate_aux_loss(
@@ -360,24 +393,59 @@ class ScaleTrainingSAE(TrainingSAE[ScaleTrainingSAEConfig]):
         )
         dead = self._dead_latents(step_input)
         n_dead = 0 if dead is None else int(dead.sum())
+        counts = self._routing_counts(encoding.routing)
         return {
-            "load_balancing_loss": self._load_balancing_loss(step_input, encoding),
+            "load_balancing_loss": self._load_balancing_loss(
+                step_input, encoding, counts
+            ),
             "auxiliary_reconstruction_loss": self._dead_latent_loss(
                 step_input, encoding, sae_out, n_dead
             ),
         }
 
+    def _routing_counts(self, routing: Routing) -> torch.Tensor:
+        """The batch's `routing_counts`, over every process's tokens. [3, n_experts]"""
+        counts = routing_counts(routing)
+        return counts if self.parallel is None else self.parallel.sum(counts)
+
     def _load_balancing_loss(
-        self, step_input: TrainStepInput, encoding: ExpertEncoding
+        self, step_input: TrainStepInput, encoding: ExpertEncoding, counts: torch.Tensor
     ) -> torch.Tensor:
-        balance = load_balancing_loss(encoding.routing, self.cfg.d_in)
+        balance = load_balancing_loss(encoding.routing, self.cfg.d_in, counts)
         return step_input.coefficients["load_balancing"] * balance
 
     def _dead_latents(self, step_input: TrainStepInput) -> torch.Tensor | None:
-        """The dead-latent mask when AuxK is on. [d_sae] bool"""
+        """The dead-latent mask when AuxK is on: the trainer's, or ours. [d_sae] bool"""
         if self.cfg.aux_loss_coefficient == 0:
             return None
-        return step_input.dead_neuron_mask
+        dead = step_input.dead_neuron_mask
+        window, steps = self.cfg.dead_latent_window, self.steps_since_fired
+        if window is None or steps is None:
+            return dead
+        ours = steps >= window
+        return ours if dead is None else ours | dead.to(ours.device)
+
+    @torch.no_grad()
+    def _latents_fired(self, code: SparseCode) -> torch.Tensor:
+        """Which latents were kept with a positive activation in this batch. [d_sae] bool
+
+        With several processes, a latent fired if it fired on any of them.
+        """
+        fired = code.values.new_zeros(self.cfg.d_sae)
+        positive = (code.values > 0).flatten().to(fired.dtype)
+        fired.index_add_(0, code.latents.flatten(), positive)
+        return (fired if self.parallel is None else self.parallel.sum(fired)) > 0
+
+    @torch.no_grad()
+    def _count_steps_since_fired(self, code: SparseCode) -> None:
+        """Advance `steps_since_fired` by one step and zero it for latents that fired."""
+        if self.cfg.dead_latent_window is None:
+            return
+        fired = self._latents_fired(code)
+        steps = self.steps_since_fired
+        if steps is None:
+            steps = torch.zeros_like(fired, dtype=torch.long)
+        self.steps_since_fired = torch.where(fired, 0, steps + 1)
 
     def _dead_latent_loss(
         self,
@@ -403,7 +471,7 @@ class ScaleTrainingSAE(TrainingSAE[ScaleTrainingSAEConfig]):
         code = _dead_latent_code(
             encoding.candidate_pre * weights, routing.experts, dead, k_aux
         )
-        recons = COMPUTE.decode_sparse(code, encoding.decoder)
+        recons = _decode_code(self, encoding, code)
         residual = (step_input.sae_in - sae_out).detach()
         loss = (recons - residual).pow(2).sum(dim=-1).mean()
         return self.cfg.aux_loss_coefficient * scale * loss
@@ -424,7 +492,7 @@ class ScaleTrainingSAE(TrainingSAE[ScaleTrainingSAEConfig]):
         if scaling is None:
             return
         self.W_enc.data.copy_(
-            fold_feature_scaling(self.W_enc, scaling, self.cfg.n_experts)
+            fold_feature_scaling(self.W_enc, scaling, _n_local_experts(self))
         )
         self.omega.data.zero_()
 
@@ -491,6 +559,7 @@ def _step_output(
     sae_out: torch.Tensor,
     losses: dict[str, torch.Tensor],
     hooked_acts: torch.Tensor | None,  # [tokens, d_sae], as a hook left them
+    counts: torch.Tensor,  # [3, n_experts], `routing_counts` over all processes
 ) -> TrainStepOutput:
     """SAELens's step output: sparse latents, summed loss, routing metrics."""
     code, d_sae = encoding.code, sae.cfg.d_sae
@@ -508,8 +577,10 @@ def _step_output(
         losses=losses,
         metrics=step_metrics(
             sae,
-            encoding.routing,
-            sae.omega if sae.cfg.feature_scaling else None,
+            counts,
+            sae.omega
+            if sae.cfg.feature_scaling and _n_local_experts(sae) == sae.cfg.n_experts
+            else None,
             step_input.n_training_steps,
         ),
     )
@@ -538,26 +609,91 @@ def _routed_encoding(
     routing = route(
         flat_in, sae.W_router, sae.b_router, cfg.n_active_experts, cfg.expert_weighting
     )
-    experts, n_experts = routing.experts, cfg.n_experts  # [tokens, e]
+    experts = routing.experts  # [tokens, e]
+    decoder = COMPUTE.decoder_for(sae.W_dec, cfg.rescale_acts_by_decoder_norm)
+    exchange = _plan_exchange(sae, experts)
+    if exchange is None:
+        pre, norms = _selected_expert_pre(
+            sae, flat_in, experts, scaling, decoder, cfg.n_experts
+        )
+        if _has_hooks(sae.hook_sae_acts_pre):  # before the norms, as SAELens's TopK
+            pre = _through_dense_hook(sae, pre, experts, sae_in.shape[:-1])
+        pre = _times_norms(pre, norms)
+    else:
+
+        def owner_pre(inputs: torch.Tensor, own_experts: torch.Tensor) -> torch.Tensor:
+            return _times_norms(
+                *_selected_expert_pre(
+                    sae, inputs, own_experts, scaling, decoder, _n_local_experts(sae)
+                )
+            )
+
+        pre = exchange.pre_activations(flat_in, cfg.n_active_experts, owner_pre)
+    code = COMPUTE.keep_top_k(pre, routing.weights, experts, cfg.k)
+    encoding = ExpertEncoding(routing, pre.flatten(1), code, decoder, exchange)
+    return encoding, sae_in.shape[:-1]
+
+
+def _selected_expert_pre(
+    sae: AnyScaleSAE,
+    flat_in: torch.Tensor,  # [tokens, d_in]
+    experts: torch.Tensor,  # [tokens, e], among the n_experts this process holds
+    scaling: FeatureScaling | None,
+    decoder: Decoder,
+    n_experts: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Steps 3-4: the selected experts' pre-activations [tokens, e, m] and row norms."""
     raw = COMPUTE.selected_expert_matmuls(flat_in, experts, sae.W_enc, n_experts)
     omega = anchor_dot = None
     if scaling is not None:
         omega = _per_selected_expert(scaling.omega, experts)  # [tokens, e]
         anchors = feature_scaling_anchors(sae.W_enc, scaling, n_experts)
         anchor_dot = (flat_in @ anchors).gather(1, experts)  # [tokens, e]
-    decoder = COMPUTE.decoder_for(sae.W_dec, cfg.rescale_acts_by_decoder_norm)
     norms = None
     if decoder.norms is not None:
         norms = _per_selected_expert(decoder.norms.view(n_experts, -1), experts)
     bias = _per_selected_expert(sae.b_enc.view(n_experts, -1), experts)
-    pre = candidate_pre(raw, omega, anchor_dot, bias)  # [tokens, e, m]
-    if _has_hooks(sae.hook_sae_acts_pre):  # before the norms, as SAELens's TopK
-        pre = _through_dense_hook(sae, pre, experts, sae_in.shape[:-1])
-    if norms is not None:
-        pre = pre * norms
-    code = COMPUTE.keep_top_k(pre, routing.weights, experts, cfg.k)
-    encoding = ExpertEncoding(routing, pre.flatten(1), code, decoder)
-    return encoding, sae_in.shape[:-1]
+    return candidate_pre(raw, omega, anchor_dot, bias), norms
+
+
+def _times_norms(pre: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
+    return pre if norms is None else pre * norms
+
+
+def _n_local_experts(sae: AnyScaleSAE) -> int:
+    """Experts whose weights this process holds."""
+    n_experts = sae.cfg.n_experts
+    return (
+        n_experts if sae.parallel is None else sae.parallel.experts_per_rank(n_experts)
+    )
+
+
+def _plan_exchange(sae: AnyScaleSAE, experts: torch.Tensor) -> ExpertExchange | None:
+    """Under expert parallelism, where this batch's (token, expert) pairs go."""
+    parallel = sae.parallel
+    if parallel is None or not parallel.expert_parallel:
+        return None
+    if _has_hooks(sae.hook_sae_acts_pre) or _has_hooks(sae.hook_sae_acts_post):
+        raise NotImplementedError(
+            "hooks on the latents need the whole dictionary in one process; "
+            "train without expert_parallel to use hook_sae_acts_pre/post"
+        )
+    return ExpertExchange.plan(experts, sae.cfg.n_experts, parallel)
+
+
+def _decode_code(
+    sae: AnyScaleSAE, encoding: ExpertEncoding, code: SparseCode
+) -> torch.Tensor:
+    """sum_j f_j W_dec[j] (/ ||W_dec[j]||) over `code`'s latents, without b_dec."""
+    if encoding.exchange is None:
+        return COMPUTE.decode_sparse(code, encoding.decoder)
+    block_size = sae.cfg.d_sae // sae.cfg.n_experts
+    return encoding.exchange.decode(
+        code,
+        encoding.routing.experts,
+        block_size,
+        lambda own: COMPUTE.decode_sparse(own, encoding.decoder),
+    )
 
 
 def _sparse_code(
@@ -612,6 +748,11 @@ def _dense_hidden_pre(
 
 
 def _decode_dense(sae: AnyScaleSAE, feature_acts: torch.Tensor) -> torch.Tensor:
+    if sae.parallel is not None and sae.parallel.expert_parallel:
+        raise NotImplementedError(
+            "decode() of dense latents needs the whole decoder in one process; "
+            "under expert_parallel use forward() or training_forward_pass()"
+        )
     decoded = act_times_W_dec(
         feature_acts, sae.W_dec, sae.cfg.rescale_acts_by_decoder_norm
     )
@@ -630,8 +771,7 @@ def _forward_sparse(
 ) -> torch.Tensor:
     """forward() without ever forming a [tokens, d_sae] tensor."""
     encoding, leading = _routed_encoding(sae, x, scaling)
-    decoded = COMPUTE.decode_sparse(encoding.code, encoding.decoder)
-    decoded = decoded.view(*leading, sae.cfg.d_in)
+    decoded = _decode_code(sae, encoding, encoding.code).view(*leading, sae.cfg.d_in)
     return sae.hook_sae_output(_finish_decode(sae, decoded))
 
 

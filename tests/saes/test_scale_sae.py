@@ -434,6 +434,9 @@ REFUSED_CONFIGS = [
     ({"normalize_activations": "layer_norm"}, "normalize_activations"),
     ({"normalize_activations": "constant_norm_rescale"}, "normalize_activations"),
     ({"normalize_activations": "sometimes"}, "normalize_activations"),
+    ({"dead_latent_window": 0}, "dead_latent_window"),
+    ({"dead_latent_window": 2.5}, "dead_latent_window"),
+    ({"dead_latent_window": True}, "dead_latent_window"),
 ]
 
 
@@ -549,3 +552,80 @@ def _effective_encoder(sae: ScaleTrainingSAE) -> torch.Tensor:
     scaling = sae.feature_scaling_state()
     assert scaling is not None
     return fold_feature_scaling(sae.W_enc, scaling, N_EXPERTS).T
+
+
+def _dead_step(x: torch.Tensor, step: int) -> TrainStepInput:
+    """A step whose trainer mask marks nothing dead (SAELens's window not reached)."""
+    return TrainStepInput(
+        sae_in=x,
+        coefficients={"load_balancing": 3.0},
+        dead_neuron_mask=torch.zeros(D_SAE, dtype=torch.bool),
+        n_training_steps=step,
+        is_logging_step=False,
+    )
+
+
+def test_latents_fired_are_the_latents_with_a_positive_dense_activation() -> None:
+    sae = make_sae(k=4)
+    x = torch.randn(5, D_IN)
+    fired = sae._latents_fired(sae.encode_sparse(x))  # pyright: ignore[reportPrivateUsage]
+    expected = (dense_forward(sae, x).feature_acts > 0).any(dim=0)
+    assert torch.equal(fired, expected)
+    assert 0 < int(fired.sum()) < D_SAE
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_dead_latent_window_counts_steps_without_firing_then_starts_auxk(
+    window: int,
+) -> None:
+    """A latent that has not fired for `window` steps is dead; before that AuxK is 0."""
+    sae = make_sae(k=2, aux_loss_coefficient=1.0, dead_latent_window=window)
+    x = torch.randn(3, D_IN)
+    fired = sae._latents_fired(sae.encode_sparse(x))  # pyright: ignore[reportPrivateUsage]
+    aux_losses = []
+    for step in range(window + 1):
+        output = sae.training_forward_pass(_dead_step(x, step))
+        aux_losses.append(output.losses["auxiliary_reconstruction_loss"].item())
+        expected_steps = torch.where(fired, 0, step + 1)
+        assert torch.equal(sae.steps_since_fired, expected_steps)
+    assert aux_losses[:window] == [0.0] * window
+    assert aux_losses[window] > 0
+    dead = sae._dead_latents(_dead_step(x, window))  # pyright: ignore[reportPrivateUsage]
+    assert dead is not None and torch.equal(dead, ~fired)
+
+
+def test_dead_latent_window_none_uses_only_the_trainers_mask() -> None:
+    sae = make_sae(k=2, aux_loss_coefficient=1.0, dead_latent_window=None)
+    x = torch.randn(3, D_IN)
+    for step in range(3):
+        output = sae.training_forward_pass(_dead_step(x, step))
+        assert output.losses["auxiliary_reconstruction_loss"].item() == 0.0
+    assert sae.steps_since_fired is None
+    trainer_mask = torch.zeros(D_SAE, dtype=torch.bool)
+    trainer_mask[:5] = True
+    dead = sae._dead_latents(step_input(x, trainer_mask))  # pyright: ignore[reportPrivateUsage]
+    assert dead is not None and torch.equal(dead, trainer_mask)
+
+
+def test_dead_latent_window_adds_the_trainers_mask() -> None:
+    sae = make_sae(k=2, aux_loss_coefficient=1.0, dead_latent_window=50)
+    x = torch.randn(3, D_IN)
+    sae.training_forward_pass(_dead_step(x, 0))
+    trainer_mask = torch.zeros(D_SAE, dtype=torch.bool)
+    trainer_mask[:5] = True
+    dead = sae._dead_latents(step_input(x, trainer_mask))  # pyright: ignore[reportPrivateUsage]
+    assert dead is not None and torch.equal(dead, trainer_mask)
+
+
+def test_training_configs_start_decoder_rows_at_unit_norm() -> None:
+    """decoder_init_norm defaults to 1.0 (SAELens: 0.1), and W_enc starts as W_dec.T."""
+    for config_class in (ScaleTrainingSAEConfig, SwitchTrainingSAEConfig):
+        cfg = config_class(d_in=D_IN, d_sae=D_SAE, n_experts=N_EXPERTS, k=4)
+        assert cfg.decoder_init_norm == 1.0
+    sae = ScaleTrainingSAE(
+        ScaleTrainingSAEConfig(
+            d_in=D_IN, d_sae=D_SAE, n_experts=N_EXPERTS, k=4, dtype="float64"
+        )
+    )
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(D_SAE))
+    torch.testing.assert_close(sae.W_enc, sae.W_dec.T)

@@ -1,0 +1,498 @@
+"""Training on two gloo processes equals training in one (saelens_moe.distributed).
+
+Each test starts two CPU processes (one thread each) that join a gloo group whose
+collectives time out after COLLECTIVE_TIMEOUT_S, so a broken test fails instead of
+hanging. Workers write what they computed to files the test compares.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from datasets import Dataset, IterableDataset
+from sae_lens import SAE
+from sae_lens.saes.sae import TrainStepInput
+from safetensors.torch import load_file
+
+from saelens_moe import ScaleSAE, ScaleTrainingSAE, ScaleTrainingSAEConfig
+from saelens_moe.distributed import (
+    DistributedSAETrainer,
+    DistributedSAETrainingRunner,
+    RankFailedError,
+    _rows_of_rank,
+    check_parallel_config,
+    join_process_group,
+    share_weights,
+    whole_experts,
+)
+from saelens_moe.errors import NonFiniteLossError
+from saelens_moe.saes.parallel import EXPERT_PARAMETERS, Parallel, expert_slice
+from saelens_moe.tiny import TINY_D_MODEL, build_tiny_gpt2, build_token_dataset
+from saelens_moe.train import run, split_args
+from tests.reliability_runs import (
+    BATCH_TOKENS,
+    CONTEXT,
+    HOOK,
+    activation_batches,
+    make_trainer,
+    runner_config,
+)
+
+WORLD = 2
+COLLECTIVE_TIMEOUT_S = 30
+JOIN_TIMEOUT_S = 240
+ROOT = Path(__file__).resolve().parents[1]
+Worker = Callable[[Parallel, Path], None]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _bootstrap(rank: int, port: int, worker: Worker, out: Path, ep: bool) -> None:
+    torch.set_num_threads(1)
+    os.environ |= {  # as torchrun sets them
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "RANK": str(rank),
+        "WORLD_SIZE": str(WORLD),
+    }
+    dist.init_process_group(
+        "gloo",
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+    )
+    try:
+        worker(Parallel(rank, WORLD, expert_parallel=ep), out)
+    except BaseException as error:
+        (out / f"rank{rank}.err").write_text(
+            f"{type(error).__name__}: {error}\n{traceback.format_exc()}"
+        )
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(worker: Worker, out: Path, expert_parallel: bool = False) -> list[int]:
+    """Run `worker` on two gloo processes; their exit codes (killed if they hang)."""
+    out.mkdir(parents=True, exist_ok=True)
+    context = mp.get_context("spawn")
+    port = _free_port()
+    processes = [
+        context.Process(
+            target=_bootstrap, args=(rank, port, worker, out, expert_parallel)
+        )
+        for rank in range(WORLD)
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(JOIN_TIMEOUT_S)
+    hung = [process for process in processes if process.is_alive()]
+    for process in hung:
+        process.kill()
+    assert not hung, f"{len(hung)} worker(s) still running after {JOIN_TIMEOUT_S} s"
+    return [process.exitcode or 0 for process in processes]
+
+
+def error_of(out: Path, rank: int) -> str:
+    path = out / f"rank{rank}.err"
+    return path.read_text() if path.exists() else ""
+
+
+# ------------------------------------------------------------------ data parallel
+
+SAE_FIELDS: dict[str, Any] = {
+    "d_in": 16,
+    "d_sae": 64,
+    "n_experts": 8,
+    "n_active_experts": 2,
+    "k": 6,
+    "dead_latent_window": None,
+}
+DP_STEPS = 4
+DP_FIELDS = {"d_sae": 128, "k": 2}  # sparse enough that latents die and AuxK runs
+DEAD_LATENT_COUNTERS = {  # case: (SAE fields, SAELens runner fields)
+    "saelens_window": ({"dead_latent_window": None}, {"dead_feature_window": 1}),
+    "sae_window": ({"dead_latent_window": 1}, {}),
+}
+
+
+def _training_sae(**overrides: Any) -> ScaleTrainingSAE:
+    torch.manual_seed(0)
+    return ScaleTrainingSAE(ScaleTrainingSAEConfig(**(SAE_FIELDS | overrides)))
+
+
+def _dp_batches() -> list[torch.Tensor]:
+    return activation_batches(DP_STEPS, d_in=SAE_FIELDS["d_in"])
+
+
+def _dp_worker(parallel: Parallel, out: Path) -> None:
+    results = {}
+    for case, (sae_fields, runner_fields) in DEAD_LATENT_COUNTERS.items():
+        sae = _training_sae(**DP_FIELDS, **sae_fields)
+        share_weights(sae, parallel)
+        halves = [batch.chunk(WORLD)[parallel.rank] for batch in _dp_batches()]
+        cfg = runner_config(out, n_steps=DP_STEPS, **runner_fields)
+        trainer = DistributedSAETrainer(
+            parallel,
+            cfg=cfg.to_sae_trainer_config(),
+            sae=sae,
+            data_provider=iter(halves),
+        )
+        for half in halves:
+            trainer.step(half)
+            trainer.n_training_steps += 1
+        results[case] = {
+            "weights": sae.state_dict(),
+            "dead": trainer.n_forward_passes_since_fired,
+            "samples": trainer.n_training_samples,
+        }
+    torch.save(results, out / f"rank{parallel.rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def data_parallel_results(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> list[dict[str, Any]]:
+    out = tmp_path_factory.mktemp("dp")
+    assert launch(_dp_worker, out) == [0, 0], error_of(out, 0)
+    return [torch.load(out / f"rank{rank}.pt") for rank in range(WORLD)]
+
+
+@pytest.mark.parametrize("case", list(DEAD_LATENT_COUNTERS))
+def test_data_parallel_steps_on_half_batches_equal_one_process_on_whole_batches(
+    case: str, data_parallel_results: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    sae_fields, runner_fields = DEAD_LATENT_COUNTERS[case]
+    sae = _training_sae(**DP_FIELDS, **sae_fields)
+    batches = _dp_batches()
+    trainer = make_trainer(
+        tmp_path, sae, iter(batches), n_steps=DP_STEPS, **runner_fields
+    )
+    aux_losses = []
+    for batch in batches:
+        output = trainer.step(batch)
+        aux_losses.append(output.losses["auxiliary_reconstruction_loss"].item())
+        trainer.n_training_steps += 1
+    ranks = [result[case] for result in data_parallel_results]
+    for name, expected in sae.state_dict().items():
+        for rank in ranks:
+            torch.testing.assert_close(rank["weights"][name], expected, msg=name)
+    assert ranks[0]["samples"] == trainer.n_training_samples == DP_STEPS * BATCH_TOKENS
+    # AuxK ran on latents found dead over both processes' tokens
+    assert max(aux_losses) > 0
+    torch.testing.assert_close(ranks[1]["dead"], trainer.n_forward_passes_since_fired)
+
+
+# ---------------------------------------------------------------- expert parallel
+
+EP_CASES: dict[str, dict[str, Any]] = {
+    "scale_fs_float64": {"dtype": "float64"},
+    "switch_float64": {
+        "dtype": "float64",
+        "n_active_experts": 1,
+        "expert_weighting": "probs",
+        "feature_scaling": False,
+    },
+    "scale_fs_float32": {"dtype": "float32"},
+}
+EP_TOKENS = 96
+
+
+def _ep_inputs(dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randn(EP_TOKENS, SAE_FIELDS["d_in"], generator=generator)
+    dead = torch.rand(SAE_FIELDS["d_sae"], generator=generator) < 0.5
+    return tokens.to(getattr(torch, dtype)), dead
+
+
+def _forward_backward(
+    sae: ScaleTrainingSAE, tokens: torch.Tensor, dead: torch.Tensor
+) -> dict[str, Any]:
+    output = sae.training_forward_pass(
+        TrainStepInput(
+            sae_in=tokens,
+            coefficients={"load_balancing": 3.0},
+            dead_neuron_mask=dead,
+            n_training_steps=0,
+            is_logging_step=False,
+        )
+    )
+    output.loss.backward()
+    return {
+        "sae_out": output.sae_out.detach(),
+        "losses": {name: loss.detach() for name, loss in output.losses.items()},
+        "grads": {name: p.grad for name, p in sae.named_parameters()},
+    }
+
+
+def _ep_worker(parallel: Parallel, out: Path) -> None:
+    results = {}
+    for case, fields in EP_CASES.items():
+        sae = _training_sae(**fields)
+        share_weights(sae, parallel)
+        tokens, dead = _ep_inputs(fields["dtype"])
+        results[case] = _forward_backward(sae, tokens.chunk(WORLD)[parallel.rank], dead)
+        results[case]["sizes"] = {n: p.numel() for n, p in sae.named_parameters()}
+    torch.save(results, out / f"rank{parallel.rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def expert_parallel_results(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> list[dict[str, Any]]:
+    out = tmp_path_factory.mktemp("ep")
+    assert launch(_ep_worker, out, expert_parallel=True) == [0, 0], error_of(out, 0)
+    return [torch.load(out / f"rank{rank}.pt") for rank in range(WORLD)]
+
+
+@pytest.mark.parametrize("case", list(EP_CASES))
+def test_expert_parallel_forward_losses_and_gradients_equal_the_whole_sae(
+    case: str, expert_parallel_results: list[dict[str, Any]]
+) -> None:
+    fields = EP_CASES[case]
+    sae = _training_sae(**fields)
+    tokens, dead = _ep_inputs(fields["dtype"])
+    # the whole batch's mean losses are the mean of the two halves'
+    expected = _forward_backward(sae, tokens, dead)
+    ranks = [result[case] for result in expert_parallel_results]
+    torch.testing.assert_close(
+        torch.cat([rank["sae_out"] for rank in ranks]), expected["sae_out"]
+    )
+    for name, loss in expected["losses"].items():
+        halves = torch.stack([rank["losses"][name] for rank in ranks])
+        torch.testing.assert_close(halves.mean(), loss, msg=name)
+    assert expected["losses"]["auxiliary_reconstruction_loss"] > 0
+    cfg = sae.cfg
+    for name, grad in expected["grads"].items():
+        if name in EXPERT_PARAMETERS:  # each rank: its experts' share, both halves
+            per_block = 1 if name == "omega" else cfg.d_sae // cfg.n_experts
+            parts = []
+            for rank in range(WORLD):
+                own = expert_slice(Parallel(rank, WORLD, True), cfg.n_experts, 1)
+                latents = slice(own.start * per_block, own.stop * per_block)
+                part = grad[:, latents] if name == "W_enc" else grad[latents]
+                parts.append(part)
+                assert ranks[rank]["sizes"][name] == part.numel()  # memory falls 1/P
+            got = [rank["grads"][name] / WORLD for rank in ranks]
+            for part, shard in zip(parts, got, strict=True):
+                torch.testing.assert_close(shard, part, msg=name)
+        else:  # replicated: the two halves' gradients add up
+            summed = sum(rank["grads"][name] for rank in ranks) / WORLD
+            torch.testing.assert_close(summed, grad, msg=name)
+
+
+def _gather_worker(parallel: Parallel, out: Path) -> None:
+    sae = _training_sae()
+    share_weights(sae, parallel)
+    with whole_experts(sae, parallel):
+        if parallel.rank == 0:
+            sae.save_inference_model(str(out / "sae"))
+    torch.save(tuple(sae.W_enc.shape), out / f"rank{parallel.rank}.pt")
+
+
+def test_expert_parallel_saves_an_ordinary_saelens_folder(tmp_path: Path) -> None:
+    assert launch(_gather_worker, tmp_path, expert_parallel=True) == [0, 0]
+    loaded = SAE.load_from_disk(str(tmp_path / "sae"))
+    assert isinstance(loaded, ScaleSAE)
+    whole = _training_sae()
+    tokens, _ = _ep_inputs("float32")
+    torch.testing.assert_close(loaded(tokens), whole(tokens), rtol=1e-5, atol=1e-5)
+    # after saving, each process holds its own experts again
+    assert torch.load(tmp_path / "rank1.pt") == (16, 32)
+
+
+# -------------------------------------------------------------------------- faults
+
+
+class _OnRank:
+    """A model hook that, on one rank's n-th LLM batch, poisons or raises."""
+
+    def __init__(self, n_calls: int, raise_error: bool) -> None:
+        self.n_calls, self.raise_error, self.calls = n_calls, raise_error, 0
+
+    def __call__(self, activation: torch.Tensor, hook: Any) -> torch.Tensor:
+        self.calls += 1
+        if self.calls != self.n_calls:
+            return activation
+        if self.raise_error:
+            raise ValueError("a bad batch")
+        activation = activation.clone()
+        activation[0, -1, 0] = float("nan")
+        return activation
+
+
+def _run_until_fault(parallel: Parallel, out: Path, raise_error: bool) -> None:
+    model = build_tiny_gpt2()
+    if parallel.rank == 1:  # one LLM batch per step: call 6 is step 5
+        model.add_hook(HOOK, _OnRank(n_calls=6, raise_error=raise_error))
+    cfg = runner_config(  # each rank: one LLM batch per step
+        out,
+        n_checkpoints=1,
+        train_batch_size_tokens=WORLD * BATCH_TOKENS,
+        training_tokens=8 * WORLD * BATCH_TOKENS,
+    )
+    runner = DistributedSAETrainingRunner(
+        cfg,
+        parallel,
+        override_dataset=build_token_dataset(n_rows=512, context_size=CONTEXT),
+        override_model=model,
+    )
+    runner.run()
+
+
+def _fault_nan(parallel: Parallel, out: Path) -> None:
+    _run_until_fault(parallel, out, raise_error=False)
+
+
+def _fault_raise(parallel: Parallel, out: Path) -> None:
+    _run_until_fault(parallel, out, raise_error=True)
+
+
+@pytest.mark.parametrize("fault", [_fault_nan, _fault_raise], ids=["nan", "raise"])
+def test_a_failing_rank_ends_the_job_naming_rank_and_step(
+    fault: Worker, tmp_path: Path
+) -> None:
+    codes = launch(fault, tmp_path)
+    assert codes[0] != 0 and codes[1] != 0
+    failing = error_of(tmp_path, 1)
+    if fault is _fault_nan:  # both stop together, naming rank 1
+        assert NonFiniteLossError.__name__ in failing and "rank 1" in failing
+        assert "rank 1's loss is not finite" in error_of(tmp_path, 0)
+    else:
+        assert "rank 1 stopped at training step 5" in failing
+        assert "ValueError: a bad batch" in failing
+        assert RankFailedError.__name__ in error_of(tmp_path, 0)
+    # the checkpoint rank 0 wrote at step 4 is an ordinary SAE
+    [checkpoint] = sorted(p.parent for p in tmp_path.rglob("trainer_state.pt"))
+    assert isinstance(SAE.load_from_disk(str(checkpoint)), ScaleSAE)
+    assert not (tmp_path / "output").exists()
+
+
+# ------------------------------------------------------------- the command line
+
+
+def _command_line_worker(parallel: Parallel, out: Path) -> None:
+    output = run(
+        [
+            "--architecture", "scale",
+            "--d_in", str(TINY_D_MODEL), "--d_sae", "64", "--n_experts", "4",
+            "--n_active_experts", "2", "-k", "4",
+            "--hook_name", HOOK, "--context_size", "16",
+            "--training_tokens", "1024", "--train_batch_size_tokens", "256",
+            "--store_batch_size_prompts", "8", "--n_batches_in_buffer", "16",
+            "--nolog_to_wandb", "--output_path", str(out / "output"),
+            "--expert_parallel", "--collective_timeout_s", "30",
+        ],
+        override_model=build_tiny_gpt2(),
+        override_dataset=build_token_dataset(),
+    )  # fmt: skip
+    (out / f"rank{parallel.rank}.txt").write_text(str(output))
+
+
+def test_the_command_line_trains_expert_parallel_under_torchrun(
+    tmp_path: Path,
+) -> None:
+    assert launch(_command_line_worker, tmp_path) == [0, 0], error_of(tmp_path, 0)
+    assert (tmp_path / "rank0.txt").read_text() == str(tmp_path / "output")
+    assert (tmp_path / "rank1.txt").read_text() == "None"  # only rank 0 saves
+    loaded = SAE.load_from_disk(str(tmp_path / "output"))
+    assert isinstance(loaded, ScaleSAE) and loaded.W_enc.shape == (TINY_D_MODEL, 64)
+
+
+# ---------------------------------------------------------------------- the example
+
+
+def _run_example(out: Path, *flags: str, processes: int = 1) -> Path:
+    script = str(ROOT / "examples" / "train_distributed.py")
+    args = ["--smoke", "--device", "cpu", "--output_path", str(out), *flags]
+    launcher = [sys.executable, script]
+    if processes > 1:
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(processes),
+            script,
+        ]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    subprocess.run([*launcher, *args], check=True, env=env, cwd=out.parent, timeout=600)
+    return out
+
+
+def _relative_difference(a: Path, b: Path) -> dict[str, float]:
+    first = load_file(a / "sae_weights.safetensors")
+    second = load_file(b / "sae_weights.safetensors")
+    assert first.keys() == second.keys()
+    return {
+        name: float((first[name] - second[name]).norm() / second[name].norm())
+        for name in first
+    }
+
+
+def test_smoke_runs_on_two_processes_save_the_one_process_sae(tmp_path: Path) -> None:
+    single = _run_example(tmp_path / "single")
+    for flags in ([], ["--expert_parallel"]):
+        both = _run_example(tmp_path / f"two{len(flags)}", *flags, processes=2)
+        differences = _relative_difference(both, single)
+        assert max(differences.values()) < 1e-4, (flags, differences)
+        assert isinstance(SAE.load_from_disk(str(both)), ScaleSAE)
+
+
+# ------------------------------------------------------- single-process checks
+
+
+def test_each_rank_reads_every_second_row_of_map_and_streamed_datasets() -> None:
+    rows = Dataset.from_dict({"tokens": [[i] for i in range(10)]})
+    streamed = IterableDataset.from_generator(
+        lambda: ({"tokens": [i]} for i in range(10))
+    )
+    for rank in range(WORLD):
+        parallel = Parallel(rank, WORLD, expert_parallel=False)
+        expected = [[i] for i in range(rank, 10, WORLD)]
+        assert _rows_of_rank(rows, parallel)["tokens"] == expected
+        assert [row["tokens"] for row in _rows_of_rank(streamed, parallel)] == expected
+
+
+@pytest.mark.parametrize(
+    ("overrides", "sae", "expert_parallel", "message"),
+    [
+        ({"train_batch_size_tokens": 127}, {}, False, "train_batch_size_tokens"),
+        ({}, {"n_experts": 3, "d_sae": 63}, True, "n_experts must be divisible"),
+        ({"use_cached_activations": True}, {}, False, "use_cached_activations"),
+    ],
+)
+def test_settings_several_processes_cannot_train_are_refused_by_name(
+    tmp_path: Path,
+    overrides: dict[str, Any],
+    sae: dict[str, Any],
+    expert_parallel: bool,
+    message: str,
+) -> None:
+    cfg = runner_config(tmp_path, sae=sae, **overrides)
+    with pytest.raises(ValueError, match=message):
+        check_parallel_config(cfg, Parallel(0, WORLD, expert_parallel))
+
+
+def test_the_training_command_takes_the_distributed_flags() -> None:
+    extra, rest = split_args(
+        ["--expert_parallel", "--collective_timeout_s", "30", "--k", "8"]
+    )
+    assert (extra.expert_parallel, extra.collective_timeout_s) == (True, 30.0)
+    assert rest == ["--k", "8"]
+    assert join_process_group(expert_parallel=True) is None  # not under torchrun
