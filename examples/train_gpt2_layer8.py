@@ -32,7 +32,6 @@ from the authors' figure data):
 """
 
 import argparse
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -46,6 +45,7 @@ from sae_lens import (
 
 from saelens_moe import ScaleTrainingSAEConfig
 from saelens_moe.hub import push_to_hub
+from saelens_moe.presets import paper_lr
 
 
 class Setting(NamedTuple):
@@ -94,11 +94,6 @@ def smoke_setting() -> Setting:
         context_size=16,
         n_batches_in_buffer=8,
     )
-
-
-def paper_lr(d_sae: int) -> float:
-    """The paper's learning rate, 2e-4 / sqrt(M / 2**14)."""
-    return 2e-4 / math.sqrt(d_sae / 2**14)
 
 
 def sae_config(
