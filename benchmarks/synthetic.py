@@ -29,7 +29,7 @@ from saelens_moe.ground_truth import (
 
 BENCHMARK_SIZES = SIZES | {
     "realistic": BenchmarkSize(
-        "realistic", 1536, 96, 1536, 8, 8, 500_000, 1024, 50_000, 64, 4, lr=1e-3
+        "realistic", 1536, 96, 1536, 8, 8, 1_000_000, 1024, 50_000, 64, 4, lr=1e-3
     ),
     "full": BenchmarkSize(
         "full", 4096, 256, 4096, 32, 32, 20_000_000, 4096, 500_000, 64, 5, lr=3e-4

@@ -2,8 +2,8 @@
 
     python benchmarks/synthetic_realistic.py                      # everything below
     python benchmarks/synthetic_realistic.py --study sweep        # K sweep, 3 seeds at K=8
-    python benchmarks/synthetic_realistic.py --study ablations    # Scale e=2 / Switch, K=8
     python benchmarks/synthetic_realistic.py --study tokens       # has the curve settled?
+    python benchmarks/synthetic_realistic.py --study ablations    # Scale e=2 / Switch, K=8
     python benchmarks/synthetic_realistic.py --plot-only          # tables and plots again
 
 Size `realistic` (`benchmarks/synthetic.py`): 1536 true features in 96 dimensions,
@@ -25,12 +25,13 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
 import torch
-from sae_lens.saes.sae import TrainingSAE
+from sae_lens.saes.sae import TrainingSAE, TrainStepInput, TrainStepOutput
 from sae_lens.synthetic import SyntheticModel
 
 from saelens_moe.ground_truth import (
@@ -43,12 +44,20 @@ from saelens_moe.ground_truth import (
     train_variant,
 )
 from saelens_moe.metrics import highpass_decoder
-from saelens_moe.presets import paper_setting
+from saelens_moe.presets import paper_lr, paper_setting
 
 REALISTIC = BenchmarkSize(
-    "realistic", 1536, 96, 1536, 8, 8, 500_000, 1024, 50_000, 64, 4, lr=1e-3
+    "realistic", 1536, 96, 1536, 8, 8, 1_000_000, 1024, 50_000, 64, 4, lr=1e-3
 )
-"""1536 true features in 96 dims, d_sae 1536, N 8; tokens set by calibration."""
+"""1536 true features in 96 dims, d_sae 1536, N 8; tokens chosen by the tokens study."""
+TOKEN_COUNTS = (250_000, 500_000, 1_000_000, 2_000_000, 4_000_000)
+LONG_TOKENS = 4_000_000
+"""Where duplicates have formed in Switch: the redundancy sweep's tokens."""
+ABLATION_TOKENS = 2_000_000
+"""Twice the sweep's tokens: where duplicates have formed (see the tokens study)."""
+DEAD_SPELL_STEPS = 100
+"""Steps without firing that make a latent count as dead during training: our
+`dead_latent_window` default, after which AuxK starts to pull on it."""
 K_VALUES = (2, 4, 8, 16, 32)
 EXTRA_SEEDS_AT_K8 = (1, 2)
 RESULTS = Path(__file__).parent / "results"
@@ -90,68 +99,143 @@ def sweep_variants() -> list[Variant]:
 def ablation_variants() -> list[Variant]:
     """Scale e=2 (and Switch, TopK) with one way our defaults differ from the authors'."""
     e2: dict[str, Any] = {"n_active_experts": 2}
-    steps = REALISTIC.training_samples // REALISTIC.batch_size
+    steps = ABLATION_TOKENS // REALISTIC.batch_size
     paper = paper_setting(steps, REALISTIC.d_sae)
+    no_rescaling = {"rescale_acts_by_decoder_norm": False}
     scale_rows: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
-        ("scale e=2 (defaults)", e2, {}),
+        ("feature scaling off", {**e2, "feature_scaling": False}, {}),
         ("auxk off", {**e2, "aux_loss_coefficient": 0.0}, {}),
         ("window None (SAELens 1000)", {**e2, "dead_latent_window": None}, {}),
-        ("window 20", {**e2, "dead_latent_window": 20}, {}),
-        ("window 500", {**e2, "dead_latent_window": 500}, {}),
+        (DICTIONARY_LEARNING_INIT, e2, {}),
+        (COLUMN_NORMALISED, {**e2, **no_rescaling}, {}),
+        ("no decoder-norm rescaling", {**e2, **no_rescaling}, {}),
+        ("decoder_init_norm 0.1", {**e2, "decoder_init_norm": 0.1}, {}),
         ("lb=0.01", {**e2, "load_balancing_coefficient": 0.01}, {}),
-        ("lb=0.3", {**e2, "load_balancing_coefficient": 0.3}, {}),
         ("lb=0", {**e2, "load_balancing_coefficient": 0.0}, {}),
-        (
-            "no decoder-norm rescaling",
-            {**e2, "rescale_acts_by_decoder_norm": False},
-            {},
-        ),
-        ("decoder_init_norm 1", {**e2, "decoder_init_norm": 1.0}, {}),
         ("lr decay last 20%", e2, {"lr_decay_steps": steps // 5}),
         (
-            "scale e=4 decoder_init_norm 1",
-            {"n_active_experts": 4, "decoder_init_norm": 1.0},
-            {},
+            f"lr {paper_lr(REALISTIC.d_sae):.2g} (authors' rule)",
+            e2,
+            {"lr": paper.runner["lr"]},
         ),
         ("paper_setting", {**e2, **paper.sae}, paper.runner),
-        ("lr 3e-4", e2, {"lr": 3e-4}),
         ("weighting=uniform", {**e2, "expert_weighting": "uniform"}, {}),
         ("weighting=renormalized", {**e2, "expert_weighting": "renormalized"}, {}),
-        (
-            "scale e=8 decoder_init_norm 1",
-            {"n_active_experts": 8, "decoder_init_norm": 1.0},
-            {},
-        ),
-    ]
-    variants = [
-        Variant(name, "scale", options, runner) for name, options, runner in scale_rows
+        ("window 20", {**e2, "dead_latent_window": 20}, {}),
     ]
     others = [
-        Variant("switch decoder_init_norm 1", "switch", {"decoder_init_norm": 1.0}),
-        Variant("topk decoder_init_norm 1", "topk", {"decoder_init_norm": 1.0}),
-        Variant("topk window 100", "topk", runner_options={"dead_feature_window": 100}),
         Variant("switch auxk off", "switch", {"aux_loss_coefficient": 0.0}),
         Variant("switch paper_setting", "switch", {**paper.sae}, paper.runner),
-        Variant("switch window None", "switch", {"dead_latent_window": None}),
         Variant("switch lb=0.01", "switch", {"load_balancing_coefficient": 0.01}),
+        Variant(f"switch {DICTIONARY_LEARNING_INIT}", "switch"),
+        Variant(f"switch {COLUMN_NORMALISED}", "switch", no_rescaling),
+        Variant("topk window 100", "topk", runner_options={"dead_feature_window": 100}),
     ]
-    # the first eleven Scale rows ran first; the rest in order of what they can decide
-    return [*variants[:12], *others[:3], *variants[12:], *others[3:]]
+    return [
+        *(
+            Variant(name, "scale", options, runner)
+            for name, options, runner in scale_rows
+        ),
+        *others,
+    ]
+
+
+# ------------------------------------------------------------- initialisation, revival
+
+DICTIONARY_LEARNING_INIT = "dictionary_learning init"
+COLUMN_NORMALISED = "decoder columns unit-norm each step"
+
+
+@torch.no_grad()
+def geometric_median(points: torch.Tensor, steps: int = 100) -> torch.Tensor:
+    """The point with the least summed distance to `points` (Weiszfeld). [d_in]"""
+    median = points.mean(dim=0)
+    for _ in range(steps):
+        weights = 1 / (points - median).norm(dim=-1).clamp(min=1e-8)
+        median = (weights[:, None] * points).sum(dim=0) / weights.sum()
+    return median
+
+
+@torch.no_grad()
+def dictionary_learning_init(sae: TrainingSAE[Any], stream: torch.Tensor) -> None:
+    """The initialisation of `dictionary_learning`, the Switch SAE authors' codebase.
+
+    Encoder like `nn.Linear`'s default (uniform in +-1/sqrt(d_in), columns of norm
+    about 0.58), decoder rows its unit-normalised columns, b_enc 0 and b_dec the
+    geometric median of the first batch. The Scale SAE authors' code was not
+    available to read; the paper's Switch baseline comes from this codebase.
+    """
+    bound = sae.cfg.d_in**-0.5
+    sae.W_enc.uniform_(-bound, bound)
+    sae.W_dec.copy_(sae.W_enc.T / sae.W_enc.T.norm(dim=-1, keepdim=True))
+    sae.get_parameter("b_enc").zero_()
+    sae.b_dec.copy_(geometric_median(stream[: REALISTIC.batch_size]))
+
+
+def normalise_decoder_columns(sae: TrainingSAE[Any], _stream: torch.Tensor) -> None:
+    """Before every step, give each decoder column (not row) unit norm.
+
+    The design notes say the authors' code normalises the decoder along the wrong
+    axis; this measures what that does (with `rescale_acts_by_decoder_norm=False`).
+    """
+    step = sae.training_forward_pass
+
+    def normalised_step(step_input: TrainStepInput) -> TrainStepOutput:
+        with torch.no_grad():
+            sae.W_dec.div_(sae.W_dec.norm(dim=0, keepdim=True))
+        return step(step_input)
+
+    setattr(sae, "training_forward_pass", normalised_step)  # noqa: B010
+
+
+PREPARATIONS: dict[str, Callable[[TrainingSAE[Any], torch.Tensor], None]] = {
+    DICTIONARY_LEARNING_INIT: dictionary_learning_init,
+    f"switch {DICTIONARY_LEARNING_INIT}": dictionary_learning_init,
+    COLUMN_NORMALISED: normalise_decoder_columns,
+    f"switch {COLUMN_NORMALISED}": normalise_decoder_columns,
+}
+"""Ablations that change the SAE itself, by variant name."""
+
+
+class DeadSpells:
+    """Latents that went `DEAD_SPELL_STEPS` training steps without firing at some point.
+
+    A latent live at the end that had such a spell was revived (by AuxK, or by the
+    drift of the others); `redundancy_breakdown` counts its duplicates apart.
+    """
+
+    def __init__(self) -> None:
+        self.ever_dead = torch.zeros(0, dtype=torch.bool)
+
+    def watch(self, sae: TrainingSAE[Any]) -> None:
+        """Count, after every training step of `sae`, which latents fired."""
+        steps_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
+        self.ever_dead = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+        step = sae.training_forward_pass
+
+        def observed_step(step_input: TrainStepInput) -> TrainStepOutput:
+            output = step(step_input)
+            acts = output.feature_acts
+            dense = acts if acts.layout == torch.strided else acts.to_dense()
+            fired = (dense > 0).any(dim=0).cpu()
+            steps_since_fired.copy_(torch.where(fired, 0, steps_since_fired + 1))
+            self.ever_dead |= steps_since_fired >= DEAD_SPELL_STEPS
+            return output
+
+        setattr(sae, "training_forward_pass", observed_step)  # noqa: B010
 
 
 # ----------------------------------------------------------------------- redundancy
 
 
 @torch.no_grad()
-def firing_counts(
+def firing(
     sae: TrainingSAE[Any], model: SyntheticModel, n_samples: int, seed: int
 ) -> torch.Tensor:
-    """How often each latent fires on fresh synthetic tokens. [d_sae]"""
+    """Which latents fire on each of `n_samples` fresh synthetic tokens. [tokens, d_sae]"""
     torch.manual_seed(seed)
-    counts = torch.zeros(sae.cfg.d_sae)
-    for _ in range(n_samples // 10_000):
-        counts += (sae.encode(model.sample(10_000)) > 0).sum(dim=0).float()
-    return counts
+    batches = [model.sample(10_000) for _ in range(n_samples // 10_000)]
+    return torch.cat([sae.encode(batch) > 0 for batch in batches])
 
 
 @torch.no_grad()
@@ -168,13 +252,22 @@ def _best_partners(
 
 
 def redundancy_breakdown(
-    W_dec: torch.Tensor, n_experts: int, live: torch.Tensor
+    W_dec: torch.Tensor,
+    n_experts: int,
+    live: torch.Tensor,
+    revived: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Redundancy over all and live latents, by pair kind, intra/inter, high-pass."""
+    """Redundancy over all and live latents, by pair kind, intra/inter, high-pass.
+
+    `revived` (live latents that had a dead spell in training) adds the share of
+    latents whose duplicate pair involves a revived latent.
+    """
     d_sae = W_dec.shape[0]
     all_rows = torch.ones(d_sae, dtype=torch.bool)
     expert = torch.arange(d_sae) // (d_sae // n_experts)
     out: dict[str, float] = {"n_live": float(live.sum())}
+    if revived is not None:
+        out["n_revived"] = float(revived.sum())
     for name, rows in (
         ("raw", W_dec.detach().float()),
         ("highpass", highpass_decoder(W_dec.detach().float(), n_experts)),
@@ -197,9 +290,51 @@ def redundancy_breakdown(
                     "live-dead": live ^ partner_live,
                     "dead-dead": ~live & ~partner_live,
                 }
+                if revived is not None:
+                    kinds["revived"] = revived | revived[partner]
                 for kind, mask in kinds.items():
                     out[f"pairs/{kind}/{tau}"] = (above & mask).float().mean().item()
     return out
+
+
+@torch.no_grad()
+def duplicated_features(
+    W_dec: torch.Tensor, model: SyntheticModel, fires: torch.Tensor
+) -> dict[str, float]:
+    """What the duplicated latents (cos > 0.8) are: which true features, how common,
+    how close to them, and whether the two of a pair fire on the same tokens.
+
+    Each latent is matched to the true feature nearest its decoder row (cosine);
+    features are ranked by firing probability (rank 0 fires most often). `fires`:
+    `firing` on fresh tokens. co_firing = tokens where both latents of a duplicate
+    pair fire / tokens where either does (0: they split the tokens between them).
+    """
+    rows = W_dec.detach().float()
+    unit_rows = rows / rows.norm(dim=-1, keepdim=True)
+    features = model.feature_dict.feature_vectors.float()
+    cosines = unit_rows @ (features / features.norm(dim=-1, keepdim=True)).T
+    closeness, nearest = cosines.max(dim=-1)  # [d_sae]
+    probabilities = model.activation_generator.firing_probabilities
+    rank = probabilities.argsort(descending=True).argsort()[nearest].float()
+    best, partner = _best_partners(rows, torch.ones(rows.shape[0], dtype=torch.bool))
+    duplicated, live = best > 0.8, fires.any(dim=0)
+    copies = torch.bincount(nearest[duplicated], minlength=features.shape[0])
+    both = (fires & fires[:, partner]).sum(dim=0)[duplicated].sum()
+    either = (fires | fires[:, partner]).sum(dim=0)[duplicated].sum()
+
+    def median(values: torch.Tensor, where: torch.Tensor) -> float:
+        return values[where].median().item() if where.any() else -1
+
+    return {
+        "latents": float(duplicated.sum()),
+        "features": float((copies > 0).sum()),
+        "most_copies": float(copies.max()),
+        "median_rank": median(rank, duplicated),
+        "median_rank_live": median(rank, live),
+        "true_cosine": median(closeness, duplicated),
+        "true_cosine_live": median(closeness, live),
+        "co_firing": (both / either.clamp(min=1)).item(),
+    }
 
 
 # -------------------------------------------------------------------------- running
@@ -231,18 +366,23 @@ def _done(study: str, name: str, k: int, seed: int, tokens: int) -> bool:
     )
 
 
+Shard = tuple[int, int]
+"""(i, n): this process takes every n-th point from the i-th; shards run side by side."""
+
+
 def run_points(
     study: str,
     variants: Sequence[Variant],
     k_values: Sequence[int],
     seed: int,
     size: BenchmarkSize,
+    shard: Shard = (0, 1),
 ) -> None:
     """Train and score each variant at each K on one recorded stream; append results."""
+    points = [(k, v) for k in k_values for v in variants][shard[0] :: shard[1]]
     todo = [
         (k, v)
-        for k in k_values
-        for v in variants
+        for k, v in points
         if not _done(study, v.name, k, seed, size.training_samples)
     ]
     if not todo:
@@ -253,9 +393,13 @@ def run_points(
     print(f"recorded {stream.shape[0]} tokens in {time.perf_counter() - start:.0f} s")
     for k, variant in todo:
         sized = replace(size, k=k)
-        sae, seconds = train_variant(variant, sized, model, seed, None, stream)
+        spells = DeadSpells()
+        prepare = partial(_prepare, PREPARATIONS.get(variant.name), stream, spells)
+        sae, seconds = train_variant(variant, sized, model, seed, None, stream, prepare)
         result = evaluate_variant(variant, sae, model, sized, seconds, seed)
-        live = firing_counts(sae, model, sized.eval_samples, seed + 4) > 0
+        fires = firing(sae, model, sized.eval_samples, seed + 4)
+        live = fires.any(dim=0)
+        revived = live & spells.ever_dead
         n_experts = result.n_experts
         entry = {
             "study": study,
@@ -266,7 +410,8 @@ def run_points(
             "options": variant.options,
             "runner_options": variant.runner_options,
             **{key: val for key, val in asdict(result).items() if key != "metrics"},
-            "breakdown": redundancy_breakdown(sae.W_dec, n_experts, live),
+            "breakdown": redundancy_breakdown(sae.W_dec, n_experts, live, revived),
+            "duplicates": duplicated_features(sae.W_dec, model, fires),
             "metrics": result.metrics,
         }
         _append(entry)
@@ -279,41 +424,50 @@ def run_points(
         )
 
 
-STUDIES: dict[str, Callable[[BenchmarkSize], None]] = {}
+def _prepare(
+    reinitialise: Callable[[TrainingSAE[Any], torch.Tensor], None] | None,
+    stream: torch.Tensor,
+    spells: DeadSpells,
+    sae: TrainingSAE[Any],
+) -> None:
+    if reinitialise is not None:
+        reinitialise(sae, stream)
+    spells.watch(sae)
 
 
-def sweep(size: BenchmarkSize) -> None:
+STUDIES: dict[str, Callable[[BenchmarkSize, Shard], None]] = {}
+
+
+def sweep(size: BenchmarkSize, shard: Shard) -> None:
     """K in 2..32 at seed 0, then seeds 1 and 2 at K=8."""
-    run_points("sweep", sweep_variants(), (8, 2, 32, 4, 16), 0, size)
+    run_points("sweep", sweep_variants(), (8, 2, 32, 4, 16), 0, size, shard)
     for seed in EXTRA_SEEDS_AT_K8:
-        run_points("sweep", sweep_variants(), (8,), seed, size)
+        run_points("sweep", sweep_variants(), (8,), seed, size, shard)
 
 
-def ablations(size: BenchmarkSize) -> None:
-    """One change at a time at K=8, seed 0."""
-    run_points("ablations", ablation_variants(), (8,), 0, size)
+def ablations(size: BenchmarkSize, shard: Shard) -> None:
+    """One change at a time at K=8, seed 0, at `ABLATION_TOKENS`."""
+    sized = replace(size, training_samples=ABLATION_TOKENS)
+    run_points("ablations", ablation_variants(), (8,), 0, sized, shard)
 
 
-def tokens(size: BenchmarkSize) -> None:
-    """Scale e=2 and TopK at K=8 for several token counts: has the curve settled?"""
-    variants = [v for v in sweep_variants() if v.name in ("topk", "scale e=2")]
-    for n in (250_000, 2 * size.training_samples):
-        run_points("tokens", variants, (8,), 0, replace(size, training_samples=n))
+def tokens(size: BenchmarkSize, shard: Shard) -> None:
+    """Every sweep variant at K=8, seed 0, at 1/4 to 4x the tokens: has it settled?"""
+    for n in TOKEN_COUNTS:
+        if n != size.training_samples:
+            sized = replace(size, training_samples=n)
+            run_points("tokens", sweep_variants(), (8,), 0, sized, shard)
 
 
-def longer(size: BenchmarkSize) -> None:
-    """Switch and Scale e=2 at twice the tokens, where duplicates have had time to form."""
-    old_init = {"decoder_init_norm": 0.1}
-    variants = [
-        Variant("switch (init 0.1)", "switch", old_init),
-        Variant("switch", "switch"),
-        Variant("scale e=2", "scale", {"n_active_experts": 2}),
-        Variant("topk (init 1)", "topk", {"decoder_init_norm": 1.0}),
-    ]
-    run_points("longer", variants, (8,), 0, replace(size, training_samples=1_000_000))
+def redundancy(size: BenchmarkSize, shard: Shard) -> None:
+    """Switch, Scale e=2 and e=4 over K at `LONG_TOKENS` (K=8 comes from `tokens`)."""
+    variants = [v for v in sweep_variants() if v.name in LONG_VARIANTS]
+    sized = replace(size, training_samples=LONG_TOKENS)
+    run_points("redundancy", variants, (2, 32, 4, 16), 0, sized, shard)
 
 
-STUDIES.update(sweep=sweep, ablations=ablations, tokens=tokens, longer=longer)
+LONG_VARIANTS = ("switch", "scale e=2", "scale e=4")
+STUDIES.update(sweep=sweep, tokens=tokens, redundancy=redundancy, ablations=ablations)
 
 
 # --------------------------------------------------------------------------- output
@@ -416,9 +570,11 @@ def detail_table(entries: Sequence[dict[str, Any]]) -> str:
     lines = [
         "| K | variant | seed | EV | MCC | dead | live | red>0.8 | red>0.9 "
         "| live-only 0.8 / 0.9 | live-live / live-dead / dead-dead (0.8) "
-        "| intra / inter (0.8) | high-pass 0.8 / 0.9 | load entropy | purity (chance) "
-        "| train s |",
-        "|" + " --- |" * 16,
+        "| revived / its pairs (0.8) | intra / inter (0.8) | high-pass 0.8 / 0.9 "
+        "| duplicated: latents / features / most copies / median rank (live) / "
+        "cos to true feature (live) / co-firing "
+        "| load entropy | purity (chance) | train s |",
+        "|" + " --- |" * 18,
     ]
     for r in entries:
         b = r["breakdown"]
@@ -434,18 +590,44 @@ def detail_table(entries: Sequence[dict[str, Any]]) -> str:
             f"| {r['redundancy_08']:.3f} | {r['redundancy_09']:.3f} "
             f"| {b['raw/live/0.8']:.3f} / {b['raw/live/0.9']:.3f} "
             f"| {b['pairs/live-live/0.8']:.3f} / {b['pairs/live-dead/0.8']:.3f} / "
-            f"{b['pairs/dead-dead/0.8']:.3f} "
+            f"{b['pairs/dead-dead/0.8']:.3f} | {_revived(b)} "
             f"| {b['raw/intra/0.8']:.3f} / {b['raw/inter/0.8']:.3f} "
             f"| {b['highpass/all/0.8']:.3f} / {b['highpass/all/0.9']:.3f} "
+            f"| {_duplicates(r.get('duplicates'))} "
             f"| {'-' if entropy is None else f'{entropy:.3f}'} | {purity} "
             f"| {r['train_seconds']:.0f} |"
         )
     return "\n".join(lines)
 
 
-def plot_sweep(entries: Sequence[dict[str, Any]], path: Path) -> Path:
+def _duplicates(found: dict[str, float] | None) -> str:
+    if found is None:
+        return "-"  # measured before duplicates were matched to true features
+    if found["latents"] == 0:
+        return "0"
+    text = (
+        f"{found['latents']:.0f} / {found['features']:.0f} / "
+        f"{found['most_copies']:.0f} / {found['median_rank']:.0f} "
+        f"({found['median_rank_live']:.0f})"
+    )
+    if "co_firing" in found:  # measured since pairs were checked on fresh tokens
+        text += (
+            f" / {found['true_cosine']:.2f} ({found['true_cosine_live']:.2f}) "
+            f"/ {found['co_firing']:.3f}"
+        )
+    return text
+
+
+def _revived(breakdown: dict[str, float]) -> str:
+    if "n_revived" not in breakdown:
+        return "-"  # measured before revival was tracked
+    return f"{breakdown['n_revived']:.0f} / {breakdown['pairs/revived/0.8']:.3f}"
+
+
+def plot_sweep(entries: Sequence[dict[str, Any]], path: Path, tokens_: int) -> Path:
     """Ours (FVU, redundancy 0.8 and 0.9 vs K) over the authors' (MSE, redundancy 0.9)."""
-    names = [v.name for v in sweep_variants()]
+    trained = {e["name"] for e in entries}
+    names = [v.name for v in sweep_variants() if v.name in trained]
     figure, axes = plt.subplots(2, 3, figsize=(15, 8.5))
     metrics: list[tuple[str, Callable[[dict[str, Any]], float]]] = [
         ("FVU (1 - EV)", lambda r: 1 - r["explained_variance"]),
@@ -458,7 +640,10 @@ def plot_sweep(entries: Sequence[dict[str, Any]], path: Path) -> Path:
             ys = [statistics.mean(value(r) for r in _by(entries, name, k)) for k in ks]
             axis.plot(ks, ys, marker="o", label=name, color=COLORS[name])
         axis.set(
-            xscale="log", xlabel="K", ylabel=label, title=f"ours (synthetic): {label}"
+            xscale="log",
+            xlabel="K",
+            ylabel=label,
+            title=f"ours (synthetic, {tokens_ / 1e6:g}M tokens): {label}",
         )
         axis.set_xticks(K_VALUES, [str(k) for k in K_VALUES])
         axis.minorticks_off()
@@ -518,44 +703,131 @@ def write_report() -> None:
     sweep_rows = _rows("sweep", REALISTIC.training_samples)
     if sweep_rows:
         parts += ["## K sweep", sweep_tables(sweep_rows), "", detail_table(sweep_rows)]
-        plot_sweep(sweep_rows, RESULTS / "synthetic_realistic_k_sweep.png")
-    ablation_rows = _rows("ablations")
-    if ablation_rows:
-        parts += ["## Ablations (K=8, seed 0)", detail_table(ablation_rows)]
-    token_rows = [
-        r
-        for r in _load()
-        if r["study"] in ("tokens", "sweep")
-        and r["k"] == 8
-        and r["seed"] == 0
-        and r["name"] in ("topk", "scale e=2")
-    ]
+        plot_sweep(
+            sweep_rows,
+            RESULTS / "synthetic_realistic_k_sweep.png",
+            REALISTIC.training_samples,
+        )
+    token_rows = _token_rows()
     if token_rows:
-        token_rows.sort(key=lambda r: (r["name"], r["tokens"]))
-        parts += ["## Tokens (K=8, seed 0)", _token_table(token_rows)]
-    longer_rows = _rows("longer") + [
-        r for r in _rows("tokens", 1_000_000) if r["name"] == "scale e=2"
+        parts += ["## Tokens (K=8, seed 0)", token_tables(token_rows)]
+        plot_tokens(token_rows, RESULTS / "synthetic_realistic_tokens.png")
+    long_rows = _rows("redundancy") + [
+        r
+        for r in token_rows
+        if r["tokens"] == LONG_TOKENS and r["name"] in LONG_VARIANTS
     ]
-    if longer_rows:
-        parts += ["## 1M tokens (K=8, seed 0)", detail_table(longer_rows)]
+    if long_rows:
+        parts += [
+            f"## Redundancy over K at {LONG_TOKENS:,} tokens (seed 0)",
+            sweep_tables(long_rows),
+            "",
+            detail_table(long_rows),
+        ]
+        path = RESULTS / "synthetic_realistic_k_sweep_4m.png"
+        plot_sweep(long_rows, path, LONG_TOKENS)
+    ablation_rows = _rows("ablations", ABLATION_TOKENS)
+    if ablation_rows:
+        baselines = [r for r in token_rows if r["tokens"] == ABLATION_TOKENS]
+        parts += [
+            f"## Ablations (K=8, seed 0, {ABLATION_TOKENS:,} tokens)",
+            detail_table([*baselines, *ablation_rows]),
+        ]
+    earlier = _rows("ablations", 500_000)
+    if earlier:
+        parts += [
+            "## Earlier ablations (K=8, seed 0, 500k tokens, decoder_init_norm 0.1)",
+            detail_table(earlier),
+        ]
     extra = _rows("moex")  # measured with an experimental router, since removed
     if extra:
         parts += ["## MoE-X routing (K=8, seed 0; code removed)", detail_table(extra)]
     MD_PATH.write_text("\n\n".join(parts) + "\n")
 
 
-def _token_table(rows: Sequence[dict[str, Any]]) -> str:
+def _token_rows() -> list[dict[str, Any]]:
+    """The tokens study and the sweep's K=8, seed 0 points, by variant and tokens."""
+    rows = _rows("tokens") + [
+        r for r in _rows("sweep", REALISTIC.training_samples) if r["k"] == 8
+    ]
+    order = [v.name for v in sweep_variants()]
+    return sorted(
+        (r for r in rows if r["seed"] == 0),
+        key=lambda r: (r["tokens"], order.index(r["name"])),
+    )
+
+
+def token_tables(rows: Sequence[dict[str, Any]]) -> str:
+    """Each variant per token count, then Scale's FVU cut over Switch per count."""
     lines = [
-        "| variant | tokens | EV | MCC | dead | red>0.8 | red>0.9 |",
-        "|" + " --- |" * 7,
+        "| tokens | variant | EV | MCC | dead | revived | red>0.8 | red>0.9 |",
+        "|" + " --- |" * 8,
     ]
     for r in rows:
+        revived = r["breakdown"].get("n_revived")
         lines.append(
-            f"| {r['name']} | {r['tokens']:,} | {r['explained_variance']:.3f} "
-            f"| {r['mcc']:.3f} | {r['dead_latents']} | {r['redundancy_08']:.3f} "
-            f"| {r['redundancy_09']:.3f} |"
+            f"| {r['tokens']:,} | {r['name']} | {r['explained_variance']:.3f} "
+            f"| {r['mcc']:.3f} | {r['dead_latents']} "
+            f"| {'-' if revived is None else f'{revived:.0f}'} "
+            f"| {r['redundancy_08']:.3f} | {r['redundancy_09']:.3f} |"
         )
+    lines += [
+        "",
+        "| tokens | FVU cut over Switch, e=2 | e=4 | e=8 | TopK's FVU cut over e=2 |",
+        "|" + " --- |" * 5,
+    ]
+    for n in sorted({r["tokens"] for r in rows}):
+        fvu = {r["name"]: 1 - r["explained_variance"] for r in rows if r["tokens"] == n}
+        cuts = [
+            _relative_change(fvu[a], fvu[b]) if a in fvu and b in fvu else "-"
+            for a, b in (
+                ("scale e=2", "switch"),
+                ("scale e=4", "switch"),
+                ("scale e=8", "switch"),
+                ("topk", "scale e=2"),
+            )
+        ]
+        lines.append(f"| {n:,} | " + " | ".join(cuts) + " |")
     return "\n".join(lines)
+
+
+def plot_tokens(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """FVU and redundancy(0.8) of every variant against training tokens (K=8)."""
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for name in (v.name for v in sweep_variants()):
+        mine = [r for r in rows if r["name"] == name]
+        tokens_ = [r["tokens"] for r in mine]
+        axes[0].plot(
+            tokens_,
+            [1 - r["explained_variance"] for r in mine],
+            marker="o",
+            label=name,
+            color=COLORS[name],
+        )
+        axes[1].plot(
+            tokens_,
+            [r["redundancy_08"] for r in mine],
+            marker="o",
+            label=name,
+            color=COLORS[name],
+        )
+        axes[2].plot(
+            tokens_,
+            [r["dead_latents"] for r in mine],
+            marker="o",
+            label=name,
+            color=COLORS[name],
+        )
+    for axis, label in zip(
+        axes, ("FVU (1 - EV)", "redundancy, cos > 0.8", "dead latents"), strict=True
+    ):
+        axis.set(xscale="log", xlabel="training tokens", ylabel=label, title=label)
+    axes[0].legend()
+    figure.suptitle("K = 8, seed 0: does the comparison settle with more tokens?")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -564,6 +836,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--study", choices=[*STUDIES, "all"], default="all")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--plot-only", action="store_true")
+    parser.add_argument(
+        "--shard",
+        default="0/1",
+        help="I/N: run every N-th point from the I-th, to split a study over processes",
+    )
     return parser.parse_args(argv)
 
 
@@ -573,9 +850,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     if not args.plot_only:
         studies = list(STUDIES) if args.study == "all" else [args.study]
+        index, count = (int(part) for part in args.shard.split("/"))
         with torch_threads(args.threads):
             for study in studies:
-                STUDIES[study](REALISTIC)
+                STUDIES[study](REALISTIC, (index, count))
                 write_report()
     write_report()
 

@@ -237,10 +237,13 @@ def train_variant(
     seed: int,
     output_path: Path | None,
     stream: torch.Tensor | None = None,
+    prepare: Callable[[TrainingSAE[Any]], None] | None = None,
 ) -> tuple[TrainingSAE[Any], float]:
     """Train one variant through `SyntheticSAERunner`; the SAE and training seconds.
 
-    With `stream` (`record_stream`), the runner trains on that recording.
+    With `stream` (`record_stream`), the runner trains on that recording; `prepare`
+    sees the freshly initialised SAE before the first step (to re-initialise or
+    observe it).
     """
     torch.manual_seed(seed)
     if stream is not None:
@@ -259,6 +262,8 @@ def train_variant(
         **runner_options,
     )
     runner = SyntheticSAERunner(runner_cfg, override_synthetic_model=model)
+    if prepare is not None:
+        prepare(runner.sae)
     torch.manual_seed(seed)
     start = time.perf_counter()
     result = runner.run()
