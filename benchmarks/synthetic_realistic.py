@@ -794,36 +794,26 @@ def token_tables(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def plot_tokens(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """FVU and redundancy(0.8) of every variant against training tokens (K=8)."""
+    """FVU, redundancy(0.8) and dead latents of every variant against tokens (K=8)."""
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for name in (v.name for v in sweep_variants()):
-        mine = [r for r in rows if r["name"] == name]
-        tokens_ = [r["tokens"] for r in mine]
-        axes[0].plot(
-            tokens_,
-            [1 - r["explained_variance"] for r in mine],
-            marker="o",
-            label=name,
-            color=COLORS[name],
-        )
-        axes[1].plot(
-            tokens_,
-            [r["redundancy_08"] for r in mine],
-            marker="o",
-            label=name,
-            color=COLORS[name],
-        )
-        axes[2].plot(
-            tokens_,
-            [r["dead_latents"] for r in mine],
-            marker="o",
-            label=name,
-            color=COLORS[name],
-        )
-    for axis, label in zip(
-        axes, ("FVU (1 - EV)", "redundancy, cos > 0.8", "dead latents"), strict=True
-    ):
+    metrics: list[tuple[str, Callable[[dict[str, Any]], float]]] = [
+        ("FVU (1 - EV)", lambda r: 1 - r["explained_variance"]),
+        ("redundancy, cos > 0.8", lambda r: r["redundancy_08"]),
+        ("dead latents", lambda r: r["dead_latents"]),
+    ]
+    for axis, (label, value) in zip(axes, metrics, strict=True):
+        for name in (v.name for v in sweep_variants()):
+            mine = [r for r in rows if r["name"] == name]
+            axis.plot(
+                [r["tokens"] for r in mine],
+                [value(r) for r in mine],
+                marker="o",
+                label=name,
+                color=COLORS[name],
+            )
         axis.set(xscale="log", xlabel="training tokens", ylabel=label, title=label)
+        axis.set_xticks(TOKEN_COUNTS, [f"{n / 1e6:g}M" for n in TOKEN_COUNTS])
+        axis.minorticks_off()
     axes[0].legend()
     figure.suptitle("K = 8, seed 0: does the comparison settle with more tokens?")
     figure.tight_layout()

@@ -1,6 +1,5 @@
 """The distributed benchmark runs end to end at a small size (no timing is asserted)."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -8,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
+from tests.benchmarks import BENCHMARKS, load_benchmark
 
 
 def test_distributed_benchmark_quick_run_writes_table_and_json(tmp_path: Path) -> None:
@@ -34,12 +33,7 @@ def test_distributed_benchmark_quick_run_writes_table_and_json(tmp_path: Path) -
 
 
 def test_expert_parallel_memory_on_paper_is_one_eighth_plus_replicas() -> None:
-    spec = importlib.util.spec_from_file_location(
-        "distributed_benchmark", BENCHMARKS / "distributed.py"
-    )
-    assert spec is not None and spec.loader is not None
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_benchmark("distributed")
     expert_parallel_on_paper = benchmark.expert_parallel_on_paper
     widest_on_one_gpu = benchmark.widest_on_one_gpu
 

@@ -1,4 +1,3 @@
-import importlib.util
 import json
 from pathlib import Path
 from types import ModuleType
@@ -7,16 +6,11 @@ from typing import Any
 import pytest
 
 from saelens_moe.ground_truth import SIZES, Variant, run_benchmark, sae_config
-
-SCRIPT = Path(__file__).parents[2] / "benchmarks" / "synthetic.py"
+from tests.benchmarks import load_benchmark
 
 
 def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("benchmark_synthetic", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("synthetic")
 
 
 def standard_variants() -> list[Variant]:

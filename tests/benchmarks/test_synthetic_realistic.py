@@ -1,5 +1,3 @@
-import importlib.util
-from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
@@ -9,17 +7,12 @@ from sae_lens.saes.sae import TrainStepInput
 
 from saelens_moe.ground_truth import SIZES, Variant, run_benchmark
 from saelens_moe.saes.scale_sae import ScaleTrainingSAE, ScaleTrainingSAEConfig
+from tests.benchmarks import load_benchmark
 from tests.benchmarks.test_synthetic import load_script
-
-SCRIPT = Path(__file__).parents[2] / "benchmarks" / "synthetic_realistic.py"
 
 
 def load_realistic() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("synthetic_realistic", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("synthetic_realistic")
 
 
 def test_realistic_size_is_the_one_synthetic_py_offers() -> None:
