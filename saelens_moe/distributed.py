@@ -14,15 +14,20 @@ only what several processes must agree on:
   and the optimizer step, so every process holds the same weights;
 - statistics: dead latents, firing rates, routing counts (and so the load-balancing
   loss), the finite-loss check and the token count cover all processes;
-- output: only rank 0 logs to wandb, saves checkpoints and the final SAE, and
-  pushes to the Hub. Under expert parallelism the experts are gathered to rank 0
-  first, so checkpoints are ordinary SAELens folders.
+- output: only rank 0 logs to wandb and pushes to the Hub; every process takes
+  part in SAELens's evals (metrics averaged over processes).
+
+Under expert parallelism no process ever holds the whole dictionary: each builds
+only its experts (from a seed, so the weights do not depend on the number of
+processes), writes its own shard of each checkpoint (`saelens_moe.sharded`) and
+resumes from it, and the final SAE is exported to an ordinary SAELens folder one
+expert block at a time.
 """
 
+import copy
 import dataclasses
+import json
 import os
-from collections.abc import Generator
-from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -33,21 +38,46 @@ from datasets import Dataset, IterableDataset
 from datasets.distributed import split_dataset_by_node
 from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
 from sae_lens.config import HfDataset
-from sae_lens.saes.sae import TrainingSAE, TrainStepInput, TrainStepOutput
+from sae_lens.constants import (
+    RUNNER_CFG_FILENAME,
+    SAE_CFG_FILENAME,
+    SAE_WEIGHTS_FILENAME,
+    SPARSITY_FILENAME,
+)
+from sae_lens.saes.sae import (
+    TrainingSAE,
+    TrainingSAEConfig,
+    TrainStepInput,
+    TrainStepOutput,
+)
 from sae_lens.training.activations_store import ActivationsStore
 from sae_lens.training.sae_trainer import SAETrainer
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformer_lens.hook_points import HookedRootModule
 from typing_extensions import override
 
 from saelens_moe.errors import NonFiniteLossError
-from saelens_moe.saes.parallel import EXPERT_PARAMETERS, Parallel, expert_slice
+from saelens_moe.saes.parallel import EXPERT_PARAMETERS, Parallel
 from saelens_moe.saes.scale_sae import ScaleTrainingSAE
+from saelens_moe.sharded import (
+    ShardError,
+    check_shard,
+    export_checkpoint,
+    load_shard,
+    mark_complete,
+    remove_shards,
+    resolve_checkpoint,
+    save_shard,
+    shard_folder,
+    start_from_folder,
+)
 
 DEFAULT_TIMEOUT_S = 600.0
 """How long a collective waits for the other processes before the job fails."""
 ARCHITECTURES = ("scale", "switch")
 MAX_GRAD_NORM = 1.0  # SAELens's trainer clips at 1.0 too
+STEPS_SINCE_FIRED_FILENAME = "steps_since_fired.safetensors"
 
 
 class RankFailedError(RuntimeError):
@@ -111,9 +141,6 @@ def check_parallel_config(
             cfg.sae.normalize_activations == "covariance_whitening"
         ),
         "use_cached_activations": cfg.use_cached_activations,
-        "resume_from_checkpoint with expert_parallel": (
-            parallel.expert_parallel and cfg.resume_from_checkpoint is not None
-        ),
     }
     for setting, used in unsupported.items():
         if used:
@@ -141,29 +168,39 @@ def _rows_of_rank(dataset: Any, parallel: Parallel) -> Any:
 
 @torch.no_grad()
 def share_weights(sae: TrainingSAE[Any], parallel: Parallel) -> None:
-    """Start every process from rank 0's weights; under expert parallelism keep
-    only this process's experts."""
+    """Data parallel: start every process from rank 0's weights."""
     for parameter in sae.parameters():
         dist.broadcast(parameter.data, src=0, group=parallel.group)
     if isinstance(sae, ScaleTrainingSAE):
-        if parallel.expert_parallel:
-            _keep_own_experts(sae, parallel)
         sae.parallel = parallel
 
 
-def _keep_own_experts(sae: ScaleTrainingSAE, parallel: Parallel) -> None:
-    cfg = sae.cfg
-    latents = expert_slice(parallel, cfg.n_experts, cfg.d_sae // cfg.n_experts)
-    experts = expert_slice(parallel, cfg.n_experts, 1)
-    own = {
-        "W_enc": sae.W_enc.data[:, latents],
-        "W_dec": sae.W_dec.data[latents],
-        "b_enc": sae.b_enc.data[latents],
-    }
-    if cfg.feature_scaling:
-        own["omega"] = sae.omega.data[experts]
-    for name, shard in own.items():
-        setattr(sae, name, nn.Parameter(shard.clone()))
+@torch.no_grad()
+def new_expert_shard(
+    cfg: TrainingSAEConfig, parallel: Parallel, device: str | None = None
+) -> ScaleTrainingSAE:
+    """Expert parallel: a new SAE holding only this process's experts.
+
+    Built on the meta device (no memory), then only this process's experts are
+    initialised, from rank 0's seed: the weights equal the same experts of
+    `ScaleTrainingSAE(cfg)` built after the same `torch.manual_seed`.
+    """
+    device = device or cfg.device
+    sae = _on_meta(cfg)
+    seed = torch.tensor([sae.init_seed], dtype=torch.long, device=device)
+    dist.broadcast(seed, src=0, group=parallel.group)  # NCCL: a tensor on the GPU
+    sae.cfg.device, sae.device = device, torch.device(device)
+    sae.parallel = parallel
+    sae.init_own_weights(int(seed.item()))
+    return sae
+
+
+def _on_meta(cfg: TrainingSAEConfig) -> ScaleTrainingSAE:
+    meta_cfg = dataclasses.replace(cfg, device="meta")
+    sae = TrainingSAE.from_dict(meta_cfg.to_dict())
+    if not isinstance(sae, ScaleTrainingSAE):
+        raise TypeError(f"expert_parallel needs a Scale or Switch SAE, got {type(sae)}")
+    return sae
 
 
 def expert_parameters(sae: nn.Module, parallel: Parallel) -> set[str]:
@@ -171,29 +208,6 @@ def expert_parameters(sae: nn.Module, parallel: Parallel) -> set[str]:
     if not parallel.expert_parallel:
         return set()
     return {name for name, _ in sae.named_parameters() if name in EXPERT_PARAMETERS}
-
-
-@contextmanager
-def whole_experts(sae: TrainingSAE[Any], parallel: Parallel | None) -> Generator[None]:
-    """Within the block, rank 0's SAE holds every expert (to save it); a collective."""
-    if parallel is None or not parallel.expert_parallel:
-        yield
-        return
-    assert isinstance(sae, ScaleTrainingSAE)
-    own: dict[str, torch.Tensor] = {}
-    for name in sorted(expert_parameters(sae, parallel)):
-        parameter = getattr(sae, name)
-        own[name] = parameter.data
-        parts = [torch.empty_like(parameter.data) for _ in range(parallel.world_size)]
-        dist.all_gather(parts, parameter.data.contiguous(), group=parallel.group)
-        parameter.data = torch.cat(parts, dim=1 if name == "W_enc" else 0)
-    sae.parallel = None
-    try:
-        yield
-    finally:
-        for name, data in own.items():
-            getattr(sae, name).data = data
-        sae.parallel = parallel
 
 
 class DistributedSAETrainer(SAETrainer[Any, Any]):
@@ -254,9 +268,96 @@ class DistributedSAETrainer(SAETrainer[Any, Any]):
         base_path: Path | str | None = None,
         wandb_aliases: list[str] | None = None,
     ) -> None:
-        with whole_experts(self.sae, self.parallel):
+        """Data parallel: rank 0 writes SAELens's checkpoint. Expert parallel: each
+        process writes its shard, and the checkpoint is marked complete last."""
+        if not self.parallel.expert_parallel:
             if self.parallel.rank == 0:
                 super().save_checkpoint(checkpoint_name, base_path, wandb_aliases)
+            return
+        base = base_path if base_path is not None else self.cfg.checkpoint_path
+        if base is None:  # SAELens would only upload it to wandb: too large to
+            return  # upload whole, so no checkpoint is made
+        checkpoint = Path(base) / checkpoint_name
+        self.save_shard(checkpoint)
+        if self.parallel.rank == 0:
+            (checkpoint / SAE_CFG_FILENAME).write_text(
+                json.dumps(self.sae.cfg.to_dict())
+            )
+            save_file(
+                {"sparsity": self.log_feature_sparsity}, checkpoint / SPARSITY_FILENAME
+            )
+            if self.save_checkpoint_fn is not None:
+                self.save_checkpoint_fn(checkpoint_path=checkpoint)
+        dist.barrier(group=self.parallel.group)
+        if self.parallel.rank == 0:
+            mark_complete(checkpoint, self.parallel.world_size, self.sae.cfg.n_experts)
+
+    def save_shard(self, checkpoint: Path) -> Path:
+        """Write this process's weights, Adam moments and trainer state."""
+        folder = shard_folder(checkpoint, self.parallel.rank, self.parallel.world_size)
+        assert isinstance(self.sae, ScaleTrainingSAE)
+        save_shard(self.sae, folder)
+        self.save_trainer_state(folder)
+        return folder
+
+    def load_shard(self, checkpoint: Path) -> None:
+        """Resume this process from its shard of a complete checkpoint.
+
+        Every process checks its shard first; if any fails, all raise its error
+        (naming the file, rank and expected shape) before anything is loaded.
+        """
+        sae = self.sae
+        assert isinstance(sae, ScaleTrainingSAE)
+        problem, path = "", None
+        try:
+            path = check_shard(checkpoint, sae, self.parallel)
+        except ShardError as error:
+            problem = str(error)
+        problems: list[str] = [""] * self.parallel.world_size
+        dist.all_gather_object(problems, problem, group=self.parallel.group)
+        if any(problems) or path is None:
+            raise ShardError("; ".join(p for p in problems if p))
+        load_shard(sae, path)
+        self.load_trainer_state(path.parent)
+
+    @override
+    def save_trainer_state(self, checkpoint_path: Path) -> None:
+        super().save_trainer_state(checkpoint_path)
+        counter = getattr(self.sae, "steps_since_fired", None)
+        if counter is not None:  # the SAE's own dead-latent window, for exact resume
+            save_file(
+                {"steps_since_fired": counter.contiguous()},
+                checkpoint_path / STEPS_SINCE_FIRED_FILENAME,
+            )
+
+    @override
+    def load_trainer_state(self, checkpoint_path: Path | str) -> None:
+        super().load_trainer_state(checkpoint_path)
+        counter = Path(checkpoint_path) / STEPS_SINCE_FIRED_FILENAME
+        if counter.is_file() and isinstance(self.sae, ScaleTrainingSAE):
+            loaded = load_file(counter, device=str(self.sae.device))
+            self.sae.steps_since_fired = loaded["steps_since_fired"]
+
+    @override
+    def _run_and_log_evals(self) -> None:
+        """SAELens's evals on every process (expert parallelism needs them all in
+        each forward pass); each metric is the mean over processes, logged by rank 0
+        (the others log to a disabled wandb run)."""
+        evaluator = self.evaluator
+        if evaluator is None:
+            super()._run_and_log_evals()
+            return
+
+        def mean_over_processes(*args: Any) -> dict[str, Any]:
+            return _mean_over_processes(
+                evaluator(*args), self.parallel, self.sae.device
+            )
+
+        self.evaluator = mean_over_processes  # pyright: ignore[reportAttributeAccessIssue]
+        try:
+            super()._run_and_log_evals()
+        finally:
+            self.evaluator = evaluator
 
     @torch.no_grad()
     def _count_firing(self, feature_acts: torch.Tensor) -> None:
@@ -289,7 +390,10 @@ class DistributedSAETrainer(SAETrainer[Any, Any]):
     def _clip_gradients(self) -> None:
         """SAELens's clipping at norm 1, by the norm of the whole model's gradient."""
         replicated, sharded = self._gradients()
-        squares = torch.stack([_squared_norm(replicated), _squared_norm(sharded)])
+        device = replicated[0].device
+        squares = torch.stack(
+            [_squared_norm(replicated, device), _squared_norm(sharded, device)]
+        )
         if sharded:
             squares[1:] = self.parallel.sum(squares[1:].clone())
         torch.nn.utils.clip_grads_with_norm_(
@@ -330,10 +434,50 @@ class DistributedSAETrainer(SAETrainer[Any, Any]):
         )
 
 
-def _squared_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+def _squared_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Sum of squares of `grads`, a float32 scalar on `device` (0 for no gradients)."""
     if not grads:
-        return torch.zeros(())
+        return torch.zeros((), device=device)
     return torch.stack([grad.float().pow(2).sum() for grad in grads]).sum()
+
+
+def _rank_zeros(value: Any, parallel: Parallel) -> Any:
+    """Rank 0's `value` on every process (SAELens draws a run id in each process)."""
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0, group=parallel.group)
+    return shared[0]
+
+
+def _mean_over_processes(
+    metrics: dict[str, Any], parallel: Parallel, device: torch.device
+) -> dict[str, Any]:
+    """`run_evals`'s nested metrics with every number averaged over processes (all
+    processes hold the same names)."""
+    leaves = sorted(_numeric_leaves(metrics))
+    if not leaves:
+        return metrics
+    values = torch.tensor([value for _, value in leaves], dtype=torch.float64)
+    means = (parallel.sum(values.to(device)).cpu() / parallel.world_size).tolist()
+    averaged = copy.deepcopy(metrics)
+    for (path, _), mean in zip(leaves, means, strict=True):
+        *parents, name = path
+        node = averaged
+        for parent in parents:
+            node = node[parent]
+        node[name] = mean
+    return averaged
+
+
+def _numeric_leaves(
+    metrics: dict[str, Any], prefix: tuple[str, ...] = ()
+) -> list[tuple[tuple[str, ...], float]]:
+    leaves: list[tuple[tuple[str, ...], float]] = []
+    for name, value in metrics.items():
+        if isinstance(value, dict):
+            leaves += _numeric_leaves(value, (*prefix, name))  # pyright: ignore[reportUnknownArgumentType]
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            leaves.append(((*prefix, name), float(value)))
+    return leaves
 
 
 class DistributedSAETrainingRunner(LanguageModelSAETrainingRunner):
@@ -349,14 +493,32 @@ class DistributedSAETrainingRunner(LanguageModelSAETrainingRunner):
         check_parallel_config(cfg, parallel)
         if parallel.rank != 0:  # one progress bar and one wandb run, rank 0's
             os.environ["TQDM_DISABLE"] = "1"
-            logger = dataclasses.replace(cfg.logger, log_to_wandb=False)
-            cfg = dataclasses.replace(cfg, logger=logger)
+            os.environ["WANDB_MODE"] = "disabled"  # evals still run on every rank
+        cfg = copy.copy(cfg)  # not dataclasses.replace: it would draw another run id
+        cfg.checkpoint_path = _rank_zeros(cfg.checkpoint_path, parallel)
+        self.sharded_resume: Path | None = None
+        """The complete sharded checkpoint this expert-parallel run resumes from."""
+        override_sae = None
+        if parallel.expert_parallel:
+            if cfg.resume_from_checkpoint is not None:  # SAELens would load it whole
+                self.sharded_resume = resolve_checkpoint(
+                    Path(cfg.resume_from_checkpoint)
+                )
+                cfg.resume_from_checkpoint = None
+            sae_cfg = TrainingSAEConfig.from_dict(cfg.get_training_sae_cfg_dict())
+            override_sae = new_expert_shard(sae_cfg, parallel, cfg.device)
+            if cfg.from_pretrained_path is not None:
+                start_from_folder(override_sae, cfg.from_pretrained_path, parallel)
         super().__init__(
-            cfg, override_dataset=override_dataset, override_model=override_model
+            cfg,
+            override_dataset=override_dataset,
+            override_model=override_model,
+            override_sae=override_sae,
         )
         self.parallel = parallel
         read_own_share(self.activations_store, parallel)
-        share_weights(self.sae, parallel)
+        if not parallel.expert_parallel:
+            share_weights(self.sae, parallel)
 
     @override
     def run_trainer_with_interruption_handling(
@@ -367,11 +529,13 @@ class DistributedSAETrainingRunner(LanguageModelSAETrainingRunner):
             cfg=trainer.cfg,
             sae=trainer.sae,
             data_provider=trainer.data_provider,
-            # evals run the SAE on rank 0 alone, which needs every expert there
-            evaluator=None if self.parallel.expert_parallel else trainer.evaluator,
+            evaluator=trainer.evaluator,
             save_checkpoint_fn=trainer.save_checkpoint_fn,
         )
-        if self.cfg.resume_from_checkpoint is not None:
+        if self.sharded_resume is not None:
+            distributed.load_shard(self.sharded_resume)
+            self.activations_store.load_from_checkpoint(self.sharded_resume)
+        elif self.cfg.resume_from_checkpoint is not None:
             distributed.load_trainer_state(self.cfg.resume_from_checkpoint)
         return super().run_trainer_with_interruption_handling(distributed)
 
@@ -382,7 +546,44 @@ class DistributedSAETrainingRunner(LanguageModelSAETrainingRunner):
         output_path: str,
         log_feature_sparsity: torch.Tensor | None = None,
     ) -> None:
-        with whole_experts(sae, self.parallel):
+        """Rank 0 saves SAELens's folder; under expert parallelism every process
+        writes its shard first and rank 0 exports them one expert at a time."""
+        if not self.parallel.expert_parallel:
             if self.parallel.rank == 0:
                 super().save_final_sae(sae, output_path, log_feature_sparsity)
+            dist.barrier(group=self.parallel.group)
+            return
+        assert isinstance(sae, ScaleTrainingSAE)
+        output = Path(output_path)
+        save_shard(
+            sae, shard_folder(output, self.parallel.rank, self.parallel.world_size)
+        )
         dist.barrier(group=self.parallel.group)
+        if self.parallel.rank == 0:
+            self._export_final_sae(sae, output, log_feature_sparsity)
+        dist.barrier(group=self.parallel.group)
+
+    def _export_final_sae(
+        self,
+        sae: ScaleTrainingSAE,
+        output: Path,
+        log_feature_sparsity: torch.Tensor | None,
+    ) -> None:
+        """SAELens's final folder, from the shards every process wrote."""
+        mark_complete(output, self.parallel.world_size, sae.cfg.n_experts)
+        (output / SAE_CFG_FILENAME).write_text(json.dumps(sae.cfg.to_dict()))
+        export_checkpoint(output, output)
+        remove_shards(output)
+        sparsity_path = None
+        if log_feature_sparsity is not None:
+            sparsity_path = output / SPARSITY_FILENAME
+            save_file({"sparsity": log_feature_sparsity}, sparsity_path)
+        (output / RUNNER_CFG_FILENAME).write_text(json.dumps(self.cfg.to_dict()))
+        if self.cfg.logger.log_to_wandb:
+            self.cfg.logger.log(
+                self,
+                output / SAE_WEIGHTS_FILENAME,
+                output / SAE_CFG_FILENAME,
+                sparsity_path=sparsity_path,
+                wandb_aliases=["final_model"],
+            )

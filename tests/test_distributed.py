@@ -5,6 +5,7 @@ collectives time out after COLLECTIVE_TIMEOUT_S, so a broken test fails instead 
 hanging. Workers write what they computed to files the test compares.
 """
 
+import copy
 import os
 import socket
 import subprocess
@@ -20,10 +21,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from datasets import Dataset, IterableDataset
-from sae_lens import SAE
+from sae_lens import SAE, LoggingConfig
+from sae_lens.evals import EvalConfig, run_evals
 from sae_lens.saes.sae import TrainStepInput
-from safetensors.torch import load_file
+from sae_lens.training.activation_scaler import ActivationScaler
+from sae_lens.training.activations_store import ActivationsStore
+from safetensors.torch import load_file, save_file
 
+import saelens_moe.distributed as distributed
+import saelens_moe.saes.parallel as parallel_module
 from saelens_moe import ScaleSAE, ScaleTrainingSAE, ScaleTrainingSAEConfig
 from saelens_moe.distributed import (
     DistributedSAETrainer,
@@ -32,11 +38,24 @@ from saelens_moe.distributed import (
     _rows_of_rank,
     check_parallel_config,
     join_process_group,
+    new_expert_shard,
     share_weights,
-    whole_experts,
 )
 from saelens_moe.errors import NonFiniteLossError
-from saelens_moe.saes.parallel import EXPERT_PARAMETERS, Parallel, expert_slice
+from saelens_moe.saes.moe import SparseCode
+from saelens_moe.saes.parallel import (
+    EXPERT_PARAMETERS,
+    ExpertExchange,
+    Parallel,
+    expert_slice,
+)
+from saelens_moe.sharded import (
+    SHARDS_FOLDER,
+    export_checkpoint,
+    is_complete,
+    load_own_experts,
+    shard_folder,
+)
 from saelens_moe.tiny import TINY_D_MODEL, build_tiny_gpt2, build_token_dataset
 from saelens_moe.train import run, split_args
 from tests.reliability_runs import (
@@ -47,6 +66,7 @@ from tests.reliability_runs import (
     make_trainer,
     runner_config,
 )
+from tests.test_sharded import LargestTensor
 
 WORLD = 2
 COLLECTIVE_TIMEOUT_S = 30
@@ -61,22 +81,27 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _bootstrap(rank: int, port: int, worker: Worker, out: Path, ep: bool) -> None:
+def _bootstrap(
+    rank: int,
+    port: int,
+    worker: Worker,
+    out: Path,
+    ep: bool,
+    world: int,
+    timeout: float,
+) -> None:
     torch.set_num_threads(1)
     os.environ |= {  # as torchrun sets them
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(port),
         "RANK": str(rank),
-        "WORLD_SIZE": str(WORLD),
+        "WORLD_SIZE": str(world),
     }
     dist.init_process_group(
-        "gloo",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+        "gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout)
     )
     try:
-        worker(Parallel(rank, WORLD, expert_parallel=ep), out)
+        worker(Parallel(rank, world, expert_parallel=ep), out)
     except BaseException as error:
         (out / f"rank{rank}.err").write_text(
             f"{type(error).__name__}: {error}\n{traceback.format_exc()}"
@@ -86,16 +111,23 @@ def _bootstrap(rank: int, port: int, worker: Worker, out: Path, ep: bool) -> Non
         dist.destroy_process_group()
 
 
-def launch(worker: Worker, out: Path, expert_parallel: bool = False) -> list[int]:
-    """Run `worker` on two gloo processes; their exit codes (killed if they hang)."""
+def launch(
+    worker: Worker,
+    out: Path,
+    expert_parallel: bool = False,
+    world: int = WORLD,
+    timeout: float = COLLECTIVE_TIMEOUT_S,
+) -> list[int]:
+    """Run `worker` on `world` gloo processes; their exit codes (killed if they hang)."""
     out.mkdir(parents=True, exist_ok=True)
     context = mp.get_context("spawn")
     port = _free_port()
     processes = [
         context.Process(
-            target=_bootstrap, args=(rank, port, worker, out, expert_parallel)
+            target=_bootstrap,
+            args=(rank, port, worker, out, expert_parallel, world, timeout),
         )
-        for rank in range(WORLD)
+        for rank in range(world)
     ]
     for process in processes:
         process.start()
@@ -243,8 +275,10 @@ def _forward_backward(
 def _ep_worker(parallel: Parallel, out: Path) -> None:
     results = {}
     for case, fields in EP_CASES.items():
-        sae = _training_sae(**fields)
-        share_weights(sae, parallel)
+        torch.manual_seed(0)  # as _training_sae
+        sae = new_expert_shard(
+            ScaleTrainingSAEConfig(**(SAE_FIELDS | fields)), parallel
+        )
         tokens, dead = _ep_inputs(fields["dtype"])
         results[case] = _forward_backward(sae, tokens.chunk(WORLD)[parallel.rank], dead)
         results[case]["sizes"] = {n: p.numel() for n, p in sae.named_parameters()}
@@ -296,24 +330,433 @@ def test_expert_parallel_forward_losses_and_gradients_equal_the_whole_sae(
             torch.testing.assert_close(summed, grad, msg=name)
 
 
-def _gather_worker(parallel: Parallel, out: Path) -> None:
-    sae = _training_sae()
-    share_weights(sae, parallel)
-    with whole_experts(sae, parallel):
-        if parallel.rank == 0:
-            sae.save_inference_model(str(out / "sae"))
-    torch.save(tuple(sae.W_enc.shape), out / f"rank{parallel.rank}.pt")
+# ------------------------------------------- sharded loading, encode_sparse, evals
+
+LOAD_FIELDS: dict[str, Any] = {
+    "d_in": TINY_D_MODEL,
+    "d_sae": 256,
+    "n_experts": 8,
+    "k": 6,
+}
+EVAL_CONFIG = EvalConfig(
+    batch_size_prompts=4,
+    n_eval_reconstruction_batches=2,
+    n_eval_sparsity_variance_batches=2,
+    compute_ce_loss=True,
+    compute_l2_norms=True,
+    compute_sparsity_metrics=True,
+    compute_variance_metrics=True,
+)
 
 
-def test_expert_parallel_saves_an_ordinary_saelens_folder(tmp_path: Path) -> None:
-    assert launch(_gather_worker, tmp_path, expert_parallel=True) == [0, 0]
-    loaded = SAE.load_from_disk(str(tmp_path / "sae"))
+def _saved_sae(folder: Path) -> ScaleTrainingSAE:
+    torch.manual_seed(0)
+    sae = ScaleTrainingSAE(ScaleTrainingSAEConfig(**LOAD_FIELDS))
+    with torch.no_grad():
+        sae.b_enc.add_(0.1 * torch.randn_like(sae.b_enc))
+        sae.omega.add_(0.2 * torch.randn_like(sae.omega))
+    metadata = sae.cfg.metadata
+    metadata.hook_name, metadata.context_size, metadata.prepend_bos = (
+        HOOK,
+        CONTEXT,
+        True,
+    )
+    sae.save_inference_model(folder)
+    return sae
+
+
+def _evals(sae: SAE[Any]) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = build_tiny_gpt2()
+    store = ActivationsStore.from_sae(
+        model,
+        sae,
+        build_token_dataset(n_rows=64, context_size=CONTEXT),
+        streaming=False,
+        store_batch_size_prompts=4,
+        n_batches_in_buffer=4,
+        train_batch_size_tokens=64,
+    )
+    metrics, _ = run_evals(
+        sae, store, model, ActivationScaler(), EVAL_CONFIG, exclude_special_tokens=False
+    )
+    return {
+        f"{group}/{name}": value
+        for group, values in metrics.items()
+        for name, value in values.items()
+    }
+
+
+def _load_worker(parallel: Parallel, out: Path) -> None:
+    sae = load_own_experts(out / "whole", parallel)
+    tokens = torch.randn(40, TINY_D_MODEL, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        code = sae.encode_sparse(tokens)
+        result = {
+            "values": code.values,
+            "latents": code.latents,
+            "forward": sae(tokens),
+            "metrics": _evals(sae),
+        }
+    result["W_enc"] = tuple(sae.W_enc.shape)
+    torch.save(result, out / f"rank{parallel.rank}.pt")
+
+
+def test_each_rank_loads_its_experts_and_encodes_and_evaluates_as_one_process(
+    tmp_path: Path,
+) -> None:
+    _saved_sae(tmp_path / "whole")
+    assert launch(_load_worker, tmp_path, expert_parallel=True) == [0, 0], error_of(
+        tmp_path, 0
+    )
+    whole = SAE.load_from_disk(tmp_path / "whole")
+    assert isinstance(whole, ScaleSAE)
+    tokens = torch.randn(40, TINY_D_MODEL, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        values, latents = whole.encode_sparse(tokens)
+        forward = whole(tokens)
+    expected_metrics = _evals(whole)
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["W_enc"] == (TINY_D_MODEL, LOAD_FIELDS["d_sae"] // WORLD)
+        torch.testing.assert_close(got["values"], values)
+        assert torch.equal(got["latents"], latents)
+        torch.testing.assert_close(got["forward"], forward)
+        numeric = {n: v for n, v in expected_metrics.items() if isinstance(v, float)}
+        assert {
+            "reconstruction_quality/explained_variance",
+            "model_performance_preservation/ce_loss_score",
+            "sparsity/l0",
+        } <= numeric.keys()
+        for name, value in numeric.items():
+            assert got["metrics"][name] == pytest.approx(value, rel=1e-5, abs=1e-6), (
+                name
+            )
+
+
+def _from_pretrained_worker(parallel: Parallel, out: Path) -> None:
+    cfg = runner_config(
+        out,
+        sae={k: v for k, v in LOAD_FIELDS.items() if k != "d_in"},
+        from_pretrained_path=str(out / "whole"),
+    )
+    runner = DistributedSAETrainingRunner(
+        cfg,
+        parallel,
+        override_dataset=build_token_dataset(n_rows=64, context_size=CONTEXT),
+        override_model=build_tiny_gpt2(),
+    )
+    torch.save(dict(runner.sae.state_dict()), out / f"rank{parallel.rank}.pt")
+
+
+def test_expert_parallel_training_starts_from_a_saved_sae_reading_own_slices(
+    tmp_path: Path,
+) -> None:
+    _saved_sae(tmp_path / "whole")
+    codes = launch(_from_pretrained_worker, tmp_path, expert_parallel=True)
+    assert codes == [0, 0], error_of(tmp_path, 0)
+    whole = load_file(tmp_path / "whole" / "sae_weights.safetensors")
+    for rank in range(WORLD):
+        state = torch.load(tmp_path / f"rank{rank}.pt")
+        latents = slice(rank * 128, (rank + 1) * 128)
+        torch.testing.assert_close(state["W_enc"], whole["W_enc"][:, latents])
+        torch.testing.assert_close(state["b_enc"], whole["b_enc"][latents])
+        torch.testing.assert_close(state["W_router"], whole["W_router"])
+        assert torch.equal(state["omega"], torch.zeros(4))  # not in an export
+
+
+# ------------------------------------- sharded checkpoints: resume, kill, export
+
+RUN_SAE: dict[str, Any] = {"d_sae": 128, "n_experts": 8, "k": 6}
+RUN_STEPS = 6
+
+
+def _sharded_run(
+    parallel: Parallel, out: Path, resume: Path | None = None, die_at: int = 0
+) -> None:
+    """Expert-parallel training through SAELens's runner: 6 steps, 2 checkpoints."""
+    if die_at and parallel.rank == 1:
+        _die_while_writing_shard(die_at)
+    torch.manual_seed(0)
+    cfg = runner_config(
+        out,
+        sae=RUN_SAE,
+        n_checkpoints=2,
+        train_batch_size_tokens=WORLD * BATCH_TOKENS,
+        training_tokens=RUN_STEPS * WORLD * BATCH_TOKENS,
+        resume_from_checkpoint=None if resume is None else str(resume),
+    )
+    DistributedSAETrainingRunner(
+        cfg,
+        parallel,
+        override_dataset=build_token_dataset(n_rows=512, context_size=CONTEXT),
+        override_model=build_tiny_gpt2(),
+    ).run()
+
+
+def _die_while_writing_shard(at_call: int) -> None:
+    """On the at_call-th shard this rank writes, write half a file and die."""
+    calls = [0]
+    original = distributed.save_shard
+
+    def save_then_die(sae: Any, folder: Path) -> Path:
+        calls[0] += 1
+        if calls[0] < at_call:
+            return original(sae, folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "sae_weights.safetensors").write_bytes(b"\\0" * 100)
+        os._exit(3)
+
+    distributed.save_shard = save_then_die  # pyright: ignore[reportAttributeAccessIssue]
+
+
+def _uninterrupted(parallel: Parallel, out: Path) -> None:
+    _sharded_run(parallel, out)
+
+
+def _killed(parallel: Parallel, out: Path) -> None:
+    _sharded_run(parallel, out, die_at=2)
+
+
+def _resumed(parallel: Parallel, out: Path) -> None:
+    _sharded_run(parallel, out, resume=out.parent / "killed" / "checkpoints")
+
+
+def test_a_run_killed_while_checkpointing_resumes_from_the_last_complete_checkpoint(
+    tmp_path: Path,
+) -> None:
+    assert launch(_uninterrupted, tmp_path / "whole_run", expert_parallel=True) == [
+        0,
+        0,
+    ], error_of(tmp_path / "whole_run", 0)
+    codes = launch(_killed, tmp_path / "killed", expert_parallel=True, timeout=10)
+    assert codes[1] == 3 and codes[0] != 0
+    checkpoints = sorted(
+        (tmp_path / "killed" / "checkpoints").glob("*/*"), key=lambda p: int(p.name)
+    )
+    assert len(checkpoints) == 2
+    assert is_complete(checkpoints[0]) and not is_complete(checkpoints[1])
+    assert launch(_resumed, tmp_path / "resumed", expert_parallel=True) == [0, 0], (
+        error_of(tmp_path / "resumed", 0)
+    )
+    assert not (tmp_path / "killed" / "output").exists()
+    # the uninterrupted run and the resumed one end with the same SAE
+    assert (
+        max(
+            _relative_difference(
+                tmp_path / "resumed" / "output", tmp_path / "whole_run" / "output"
+            ).values()
+        )
+        < 1e-6
+    )
+    for name in ("cfg.json", "sparsity.safetensors", "runner_cfg.json"):
+        assert (tmp_path / "resumed" / "output" / name).is_file()
+    assert not (tmp_path / "resumed" / "output" / SHARDS_FOLDER).exists()
+    # each uninterrupted checkpoint is sharded: no file holds the whole W_enc
+    [first, *_] = sorted((tmp_path / "whole_run" / "checkpoints").glob("*/*"))
+    assert not (first / "sae_weights.safetensors").exists()
+    shard = load_file(shard_folder(first, 1, WORLD) / "sae_weights.safetensors")
+    assert shard["W_enc"].shape == (TINY_D_MODEL, RUN_SAE["d_sae"] // WORLD)
+    exported = export_checkpoint(first, tmp_path / "exported")
+    assert isinstance(SAE.load_from_disk(exported), ScaleSAE)
+
+
+def _mismatched_resume(parallel: Parallel, out: Path) -> None:
+    checkpoint = sorted((out.parent / "whole_run" / "checkpoints").glob("*/*"))[0]
+    shard = shard_folder(checkpoint, 1, WORLD) / "sae_weights.safetensors"
+    if parallel.rank == 1:
+        state = load_file(shard)
+        state["W_dec"] = state["W_dec"][:-1].contiguous()
+        save_file(state, shard)
+    dist.barrier()
+    _sharded_run(parallel, out, resume=checkpoint)
+
+
+def test_a_mismatched_shard_stops_every_rank_naming_file_rank_and_shape(
+    tmp_path: Path,
+) -> None:
+    assert launch(_uninterrupted, tmp_path / "whole_run", expert_parallel=True) == [
+        0,
+        0,
+    ]
+    codes = launch(_mismatched_resume, tmp_path / "bad", expert_parallel=True)
+    assert codes[0] != 0 and codes[1] != 0
+    for rank in range(WORLD):
+        message = error_of(tmp_path / "bad", rank)
+        assert "ShardError: rank 1: shard file" in message
+        assert "holds W_dec of shape (63, 32), expected (64, 32)" in message
+
+
+def _training_with_evals(parallel: Parallel, out: Path) -> None:
+    """Expert-parallel training with SAELens's evals on (wandb offline on rank 0)."""
+    os.environ["WANDB_MODE"] = "offline"
+    for variable in (
+        "WANDB_DIR",
+        "WANDB_CACHE_DIR",
+        "WANDB_DATA_DIR",
+        "WANDB_CONFIG_DIR",
+    ):
+        os.environ[variable] = str(out / "wandb")
+    (out / "wandb").mkdir(exist_ok=True)
+    recorded: list[dict[str, Any]] = []
+    averaging = distributed._mean_over_processes
+
+    def recording(metrics: dict[str, Any], *args: Any) -> dict[str, Any]:
+        averaged = averaging(metrics, *args)
+        recorded.append(copy.deepcopy(averaged))  # before SAELens adds histograms
+        return averaged
+
+    distributed._mean_over_processes = recording  # pyright: ignore[reportAttributeAccessIssue]
+    torch.manual_seed(0)
+    cfg = runner_config(
+        out,
+        sae=RUN_SAE,
+        train_batch_size_tokens=WORLD * BATCH_TOKENS,
+        training_tokens=4 * WORLD * BATCH_TOKENS,
+        n_eval_batches=2,
+        eval_batch_size_prompts=4,
+        logger=LoggingConfig(
+            log_to_wandb=True, wandb_log_frequency=1, eval_every_n_wandb_logs=2
+        ),
+    )
+    _run_tiny(cfg, parallel)
+    torch.save(recorded, out / f"rank{parallel.rank}.pt")
+
+
+def test_saelens_evals_run_on_every_rank_during_expert_parallel_training(
+    tmp_path: Path,
+) -> None:
+    codes = launch(_training_with_evals, tmp_path, expert_parallel=True)
+    assert codes == [0, 0], error_of(tmp_path, 0) + error_of(tmp_path, 1)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)]
+    assert len(ranks[0]) == len(ranks[1]) == 2  # steps 2 and 4
+    for first, second in zip(*ranks, strict=True):
+        assert first == second  # every rank holds the mean over both
+        performance = first["model_performance_preservation"]
+        assert {"ce_loss_score", "ce_loss_with_sae"} <= performance.keys()
+        explained = first["reconstruction_quality"]["explained_variance"]
+        assert isinstance(explained, float) and -1 < explained < 1  # 2-4 steps in
+    assert list((tmp_path / "wandb").rglob("*.wandb"))  # rank 0 logged them
+
+
+# ------------------------------- no process ever builds a whole-dictionary tensor
+
+BIG_SAE: dict[str, Any] = {"d_sae": 32768, "n_experts": 128, "k": 8}
+
+
+def _run_tiny(cfg: Any, parallel: Parallel) -> None:
+    DistributedSAETrainingRunner(
+        cfg,
+        parallel,
+        override_dataset=build_token_dataset(n_rows=512, context_size=CONTEXT),
+        override_model=build_tiny_gpt2(),
+    ).run()
+
+
+def _recorded_lifecycle(parallel: Parallel, out: Path) -> None:
+    """init -> 3 steps -> checkpoint -> resume -> 2 steps -> export, recorded."""
+    base: dict[str, Any] = {
+        "sae": BIG_SAE,
+        "train_batch_size_tokens": 256,
+        "checkpoint_path": str(out / "checkpoints"),
+    }
+    with LargestTensor() as first:
+        torch.manual_seed(0)
+        cfg = runner_config(
+            out / "first",
+            save_final_checkpoint=True,
+            training_tokens=3 * 256,
+            output_path=None,
+            **base,
+        )
+        _run_tiny(cfg, parallel)
+    [checkpoint] = (out / "checkpoints").glob("*/final_*")
+    with LargestTensor() as resumed:
+        cfg = runner_config(
+            out / "second",
+            resume_from_checkpoint=str(checkpoint),
+            training_tokens=5 * 256,
+            output_path=str(out / "second" / "output"),
+            **base,
+        )
+        _run_tiny(cfg, parallel)
+    torch.save(
+        {"first": (first.largest, first.op), "resumed": (resumed.largest, resumed.op)},
+        out / f"rank{parallel.rank}.pt",
+    )
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_no_rank_ever_builds_more_than_its_share_of_the_dictionary(
+    world: int, tmp_path: Path
+) -> None:
+    codes = launch(_recorded_lifecycle, tmp_path, expert_parallel=True, world=world)
+    assert codes == [0] * world, error_of(tmp_path, 0)
+    share = TINY_D_MODEL * BIG_SAE["d_sae"] // world * 4  # bytes of one rank's W_enc
+    for rank in range(world):
+        recorded = torch.load(tmp_path / f"rank{rank}.pt")
+        for phase, (largest, op) in recorded.items():
+            assert 0 < largest <= share, (rank, phase, op, largest, share)
+    loaded = SAE.load_from_disk(tmp_path / "second" / "output")
     assert isinstance(loaded, ScaleSAE)
-    whole = _training_sae()
-    tokens, _ = _ep_inputs("float32")
-    torch.testing.assert_close(loaded(tokens), whole(tokens), rtol=1e-5, atol=1e-5)
-    # after saving, each process holds its own experts again
-    assert torch.load(tmp_path / "rank1.pt") == (16, 32)
+    assert loaded.W_enc.shape == (TINY_D_MODEL, BIG_SAE["d_sae"])
+
+
+# ----------------------------------------- the GPU stand-in: meta-device tensors
+
+
+def test_gradient_clipping_and_averaging_run_with_meta_gradients(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU, a CPU scalar stacked with GPU norms fails; meta fails the same way."""
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, **_: tensor)
+    for expert_parallel in (False, True):
+        sae = ScaleTrainingSAE(ScaleTrainingSAEConfig(**SAE_FIELDS, device="meta"))
+        sae.parallel = Parallel(0, 1, expert_parallel)
+        for parameter in sae.parameters():
+            parameter.grad = torch.empty_like(parameter)
+        cfg = runner_config(tmp_path).to_sae_trainer_config()
+        trainer = DistributedSAETrainer(
+            Parallel(0, 1, expert_parallel), cfg=cfg, sae=sae, data_provider=iter([])
+        )
+        trainer._average_gradients()
+        trainer._clip_gradients()
+        assert all(p.grad is not None and p.grad.is_meta for p in sae.parameters())
+
+
+def test_the_expert_exchange_keeps_every_tensor_on_the_weights_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The exchange's routes and decode on meta tensors, collectives as one process."""
+    monkeypatch.setattr(
+        dist, "all_to_all_single", lambda out, rows, *_, **__: out.copy_(rows)
+    )
+    monkeypatch.setattr(Parallel, "process_group", lambda self: None)
+    monkeypatch.setattr(
+        parallel_module.functional_collectives,
+        "all_to_all_single",
+        lambda rows, *_: rows.clone(),
+    )
+    n_tokens, n_active, block, d_in = 5, 2, 4, 3
+    pairs = n_tokens * n_active
+    order = torch.arange(pairs, device="meta")
+    exchange = ExpertExchange(
+        order, order, [pairs], [pairs], order % 2, Parallel(0, 1, True)
+    )
+    sae_in = torch.empty(n_tokens, d_in, device="meta")
+    pre = exchange.pre_activations(
+        sae_in, n_active, lambda inputs, local: inputs.new_empty(len(local), 1, block)
+    )
+    assert pre.shape == (n_tokens, n_active, block) and pre.is_meta
+    code = SparseCode(
+        torch.empty(n_tokens, 3, device="meta"),
+        torch.zeros(n_tokens, 3, dtype=torch.long, device="meta"),
+    )
+    experts = torch.zeros(n_tokens, n_active, dtype=torch.long, device="meta")
+    decoded = exchange.decode(
+        code, experts, block, lambda own: own.values.new_empty(len(own.values), d_in)
+    )
+    assert decoded.shape == (n_tokens, d_in) and decoded.is_meta
 
 
 # -------------------------------------------------------------------------- faults

@@ -162,3 +162,26 @@ class ExpertExchange(NamedTuple):
         local = self.local_experts[:, None] * block_size + received_within
         partial = owner_decode(SparseCode(self.to_owners(values), local))
         return self.from_owners(partial).view(n_tokens, n_active, -1).sum(dim=1)
+
+
+def decode_at_owners(
+    code: SparseCode,  # [tokens, k], global latents
+    block_size: int,
+    n_experts: int,
+    parallel: Parallel,
+    owner_decode: Callable[[SparseCode], torch.Tensor],
+) -> torch.Tensor:
+    """sum_j f_j W_dec[j] for any code, each latent decoded by its owner. [tokens, d_in]
+
+    For codes that did not come from this batch's routing (`decode` of dense
+    latents, as SAELens's evals call it): every (token, kept latent) pair travels
+    to the owner of the latent's expert, and `owner_decode` decodes the received
+    pairs, one latent each (local latent indices).
+    """
+    n_tokens, k = code.values.shape
+    exchange = ExpertExchange.plan(code.latents // block_size, n_experts, parallel)
+    values = exchange.to_owners(code.values.reshape(-1, 1))
+    within = exchange.to_owners((code.latents % block_size).reshape(-1, 1))
+    local = exchange.local_experts[:, None] * block_size + within
+    partial = owner_decode(SparseCode(values, local))  # [received, d_in]
+    return exchange.from_owners(partial).view(n_tokens, k, -1).sum(dim=1)

@@ -56,7 +56,12 @@ from saelens_moe.saes.moe import (
     route,
     routing_counts,
 )
-from saelens_moe.saes.parallel import ExpertExchange, Parallel
+from saelens_moe.saes.parallel import (
+    ExpertExchange,
+    Parallel,
+    decode_at_owners,
+    expert_slice,
+)
 from saelens_moe.saes.sparse_latents import (
     candidate_latents,
     scatter_to_dense,
@@ -136,12 +141,20 @@ class ScaleSAE(SAE[ScaleSAEConfig]):
     W_router: nn.Parameter
     b_router: nn.Parameter
     parallel: Parallel | None = None
-    """Always None: inference runs in one process."""
+    """Set by `saelens_moe.sharded.load_own_experts` when each process holds a share
+    of the experts; None in one process."""
+
+    init_seed: int = 0
+    """The seed every expert's initial weights derive from (`init_own_weights`)."""
 
     @override
     def initialize_weights(self) -> None:
-        super().initialize_weights()
-        _init_expert_weights(self)
+        self.init_seed = draw_init_seed()
+        self.init_own_weights(self.init_seed)
+
+    def init_own_weights(self, seed: int) -> None:
+        """Initialise the experts this process holds, from `seed` alone (no d_sae tensor)."""
+        _init_expert_weights(self, seed, decoder_init_norm=None)
 
     def feature_scaling_state(self) -> FeatureScaling | None:
         """None: Feature Scaling is folded into W_enc on export."""
@@ -223,7 +236,10 @@ class ScaleTrainingSAEConfig(TrainingSAEConfig):
             alpha * d_in * N * sum_i f_i P_i (the authors use 3). Its weight against
             the MSE scales as alpha * d_in / E||x||^2, so the best value depends on
             the activation scale (benchmarks/README.md); 0 lets the experts
-            unbalance.
+            unbalance. Its floor is alpha * d_in, not 0: a perfectly balanced
+            router logs load_balancing_loss = alpha * d_in, and the metric
+            moe/load_balance_ratio (N * sum_i f_i P_i) reads 1.0 there and N when
+            one expert takes every token.
         load_balancing_warm_up_steps (int): Steps over which SAELens ramps the
             load-balancing coefficient up from 0.
         aux_loss_coefficient (float): Weight of SAELens's AuxK loss, in which the
@@ -294,13 +310,26 @@ class ScaleTrainingSAE(TrainingSAE[ScaleTrainingSAEConfig]):
     """Training steps since each latent last fired, when `dead_latent_window` is set;
     made at the first step, not saved (a resumed run counts afresh). [d_sae]"""
 
+    init_seed: int = 0
+    """The seed every expert's initial weights derive from (`init_own_weights`)."""
+
     @override
     def initialize_weights(self) -> None:
-        super().initialize_weights()
-        _init_expert_weights(self)
+        self.init_seed = draw_init_seed()
+        self.init_own_weights(self.init_seed)
+
+    def init_own_weights(self, seed: int) -> None:
+        """Initialise the experts this process holds, from `seed` alone.
+
+        Expert i's weights depend only on (seed, i), so a run whose processes each
+        hold a share starts from the same weights as one process, and no process
+        ever builds a tensor of the whole dictionary.
+        """
+        _init_expert_weights(self, seed, self.cfg.decoder_init_norm)
         if self.cfg.feature_scaling:
+            n_own = len(own_experts(self))
             self.omega = nn.Parameter(
-                torch.zeros(self.cfg.n_experts, dtype=self.dtype, device=self.device)
+                torch.zeros(n_own, dtype=self.dtype, device=self.device)
             )
             if self.cfg.learn_lowpass:
                 self.W_lowpass = nn.Parameter(
@@ -586,14 +615,65 @@ def _step_output(
     )
 
 
-def _init_expert_weights(sae: AnyScaleSAE) -> None:
-    """b_enc zero; W_router as nn.Linear's default (uniform in +-1/sqrt(d_in)), b_router zero."""
+def draw_init_seed() -> int:
+    """A seed for `init_own_weights`, from torch's global generator (so `torch.manual_seed` fixes it)."""
+    return int(torch.randint(2**62, (), dtype=torch.long))
+
+
+def own_experts(sae: AnyScaleSAE) -> range:
+    """The experts whose weights this process holds: all, or its expert-parallel share."""
+    n_experts = sae.cfg.n_experts
+    parallel = sae.parallel
+    if parallel is None or not parallel.expert_parallel:
+        return range(n_experts)
+    share = expert_slice(parallel, n_experts, 1)
+    return range(share.start, share.stop)
+
+
+def _init_expert_weights(
+    sae: AnyScaleSAE, seed: int, decoder_init_norm: float | None
+) -> None:
+    """SAELens's initialisation, expert by expert, for the experts this process holds.
+
+    W_dec rows uniform in +-1/sqrt(d_in) (SAELens's kaiming_uniform_), rescaled to
+    `decoder_init_norm`; W_enc = W_dec.T; b_enc, b_dec, b_router zero; W_router as
+    nn.Linear's default. Expert i draws from a generator seeded with (seed, i), the
+    router from (seed, router).
+    """
     cfg, dtype, device = sae.cfg, sae.dtype, sae.device
-    sae.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype, device=device))
+    experts = own_experts(sae)
+    block_size = cfg.d_sae // cfg.n_experts
+    n_own = len(experts) * block_size
     bound = cfg.d_in**-0.5
-    W_router = torch.empty(cfg.d_in, cfg.n_experts, dtype=dtype, device=device)
-    sae.W_router = nn.Parameter(W_router.uniform_(-bound, bound))
+    if device.type == "meta":  # loading assigns the weights; nothing to draw
+        W_dec = torch.empty(n_own, cfg.d_in, dtype=dtype, device=device)
+        W_router = torch.empty(cfg.d_in, cfg.n_experts, dtype=dtype, device=device)
+    else:
+        rows = [
+            _uniform((block_size, cfg.d_in), bound, seed, 1 + expert, device)
+            for expert in experts
+        ]
+        W_dec = torch.cat(rows)
+        if decoder_init_norm is not None:
+            W_dec *= decoder_init_norm / W_dec.norm(dim=-1, keepdim=True)
+        W_dec = W_dec.to(dtype)
+        W_router = _uniform((cfg.d_in, cfg.n_experts), bound, seed, 0, device)
+        W_router = W_router.to(dtype)
+    sae.W_dec = nn.Parameter(W_dec)
+    sae.W_enc = nn.Parameter(W_dec.T.clone().contiguous())
+    sae.b_enc = nn.Parameter(torch.zeros(n_own, dtype=dtype, device=device))
+    sae.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype, device=device))
+    sae.W_router = nn.Parameter(W_router)
     sae.b_router = nn.Parameter(torch.zeros(cfg.n_experts, dtype=dtype, device=device))
+
+
+def _uniform(
+    shape: tuple[int, int], bound: float, seed: int, stream: int, device: torch.device
+) -> torch.Tensor:
+    """Uniform in +-bound (float32), from a generator seeded with (seed, stream)."""
+    generator = torch.Generator(device=device).manual_seed((seed + stream) % 2**63)
+    drawn = torch.rand(shape, generator=generator, device=device)
+    return drawn.mul_(2 * bound).sub_(bound)
 
 
 def _routed_encoding(
@@ -621,10 +701,10 @@ def _routed_encoding(
         pre = _times_norms(pre, norms)
     else:
 
-        def owner_pre(inputs: torch.Tensor, own_experts: torch.Tensor) -> torch.Tensor:
+        def owner_pre(inputs: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
             return _times_norms(
                 *_selected_expert_pre(
-                    sae, inputs, own_experts, scaling, decoder, _n_local_experts(sae)
+                    sae, inputs, local, scaling, decoder, _n_local_experts(sae)
                 )
             )
 
@@ -749,14 +829,32 @@ def _dense_hidden_pre(
 
 def _decode_dense(sae: AnyScaleSAE, feature_acts: torch.Tensor) -> torch.Tensor:
     if sae.parallel is not None and sae.parallel.expert_parallel:
-        raise NotImplementedError(
-            "decode() of dense latents needs the whole decoder in one process; "
-            "under expert_parallel use forward() or training_forward_pass()"
-        )
+        return _finish_decode(sae, _decode_dense_at_owners(sae, feature_acts))
     decoded = act_times_W_dec(
         feature_acts, sae.W_dec, sae.cfg.rescale_acts_by_decoder_norm
     )
     return _finish_decode(sae, decoded)
+
+
+def _decode_dense_at_owners(
+    sae: AnyScaleSAE, feature_acts: torch.Tensor
+) -> torch.Tensor:
+    """`decode` of [..., d_sae] latents under expert parallelism: each process
+    decodes the nonzero latents of its experts. [..., d_in]"""
+    cfg, parallel = sae.cfg, sae.parallel
+    assert parallel is not None
+    flat = feature_acts.reshape(-1, cfg.d_sae)
+    n_kept = max(1, int((flat != 0).sum(dim=-1).max())) if flat.shape[0] else 1
+    latents = flat.abs().topk(min(n_kept, cfg.d_sae), dim=-1).indices
+    decoder = COMPUTE.decoder_for(sae.W_dec, cfg.rescale_acts_by_decoder_norm)
+    decoded = decode_at_owners(
+        SparseCode(flat.gather(1, latents), latents),
+        cfg.d_sae // cfg.n_experts,
+        cfg.n_experts,
+        parallel,
+        lambda own: COMPUTE.decode_sparse(own, decoder),
+    )
+    return decoded.view(*feature_acts.shape[:-1], cfg.d_in)
 
 
 def _finish_decode(sae: AnyScaleSAE, decoded: torch.Tensor) -> torch.Tensor:
