@@ -19,11 +19,16 @@ side-by-side once per width of `--widths` (d_sae 24576, 131072 and 524288 by
 default, with m = 256 latents per expert and e = 3, so e*m = 768 at every width:
 768 = 3 * 256 is the only split with whole expert counts at these powers of two),
 records the peak GPU memory of a training step instead of resident memory, and
-skips the CPU-only allocator curves and profiles.
+skips the CPU-only allocator curves and profiles. `--autocast` trains and encodes
+under SAELens's bfloat16 autocast (parameters stay in `--dtype`). Every row
+records the path its expert matmuls took (`expert_matmul_path`): "grouped" (one
+grouped matmul, no host sync), "grouped_host_sync" (PyTorch's fallback on CUDA:
+group ends copied to the host, one mm per expert) or "every_expert".
 
     python benchmarks/throughput.py            # GPT-2 scale: d_in 768, d_sae 24576
     python benchmarks/throughput.py --quick    # small sizes, a few seconds
     python benchmarks/throughput.py --device cuda --dtype bfloat16
+    python benchmarks/throughput.py --device cuda --autocast   # float32 + autocast
 """
 
 import argparse
@@ -58,6 +63,7 @@ from saelens_moe import (
     SwitchTrainingSAE,
     SwitchTrainingSAEConfig,
 )
+from saelens_moe.saes.fast.grouped import expert_matmul_path_of
 
 GIB = 1024**3
 SCALING_E = 2
@@ -96,10 +102,23 @@ class Placement:
 
     device: str = "cpu"
     dtype: str = "float32"
+    autocast: bool = False
+    """Train and encode under bfloat16 autocast, as SAELens's `autocast=True`."""
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the matmuls run in."""
+        return torch.bfloat16 if self.autocast else self.torch_dtype
+
+    def autocast_context(self) -> Any:
+        if not self.autocast:
+            return nullcontext()
+        device_type = torch.device(self.device).type
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
 
     def synchronize(self) -> None:
         if self.device.startswith("cuda"):
@@ -126,6 +145,8 @@ class Candidate:
     encode_sparse_s: list[float] = field(default_factory=list)
     step_s: list[float] = field(default_factory=list)
     step_transient_gib: float | None = None
+    matmul_path: str | None = None
+    """The expert matmuls' path (`expert_matmul_path`); None for TopK."""
     error: str | None = None
 
 
@@ -184,7 +205,17 @@ def exported(sae: TrainingSAE[Any], placement: Placement = Placement()) -> SAE[A
         return SAE.load_from_disk(folder, device=placement.device)
 
 
-def trainer_for(sae: TrainingSAE[Any], batch: torch.Tensor) -> SAETrainer[Any, Any]:
+def matmul_path(sae: TrainingSAE[Any], placement: Placement) -> str | None:
+    """The path a Scale / Switch SAE's expert matmuls take in this placement."""
+    if not isinstance(sae, ScaleTrainingSAE):
+        return None
+    block_size = sae.cfg.d_sae // sae.cfg.n_experts
+    return expert_matmul_path_of(sae.W_enc, block_size, placement.compute_dtype)
+
+
+def trainer_for(
+    sae: TrainingSAE[Any], batch: torch.Tensor, autocast: bool = False
+) -> SAETrainer[Any, Any]:
     def same_batch() -> Iterator[torch.Tensor]:
         while True:
             yield batch
@@ -194,6 +225,7 @@ def trainer_for(sae: TrainingSAE[Any], batch: torch.Tensor) -> SAETrainer[Any, A
         train_batch_size_samples=batch.shape[0],
         lr_end=3e-5,
         device=str(batch.device),
+        autocast=autocast,
     )
     return SAETrainer(cfg=cfg, sae=sae, data_provider=same_batch())
 
@@ -273,7 +305,7 @@ def run_once(
     x: torch.Tensor,
     placement: Placement,
 ) -> tuple[float, float | None, float]:
-    with torch.no_grad():
+    with torch.no_grad(), placement.autocast_context():
         encode = timed(lambda: inference.encode(x), placement)
         sparse = (
             timed(lambda: inference.encode_sparse(x), placement)
@@ -294,7 +326,9 @@ def measure(
     runs = []
     for candidate in candidates:
         sae = build(candidate, sizes, placement)
-        runs.append((candidate, trainer_for(sae, x), exported(sae, placement)))
+        candidate.matmul_path = matmul_path(sae, placement)
+        trainer = trainer_for(sae, x, placement.autocast)
+        runs.append((candidate, trainer, exported(sae, placement)))
     matmul_s = []
     for rep in range(reps + 1):
         matmul = timed(lambda: x @ weight, placement)
@@ -418,6 +452,7 @@ def summarise(
             "sae": candidate.name,
             "N": candidate.n_experts,
             "e": candidate.n_active_experts,
+            "matmul_path": candidate.matmul_path,
             "error": candidate.error,
         }
         if candidate.error is None:
@@ -457,6 +492,7 @@ COLUMNS = [
     ("sae", "SAE", "{}"),
     ("N", "N", "{}"),
     ("e", "e", "{}"),
+    ("matmul_path", "expert matmuls", "{}"),
     ("step_tok_s", "train step tok/s", "{:,.0f}"),
     ("step_speedup_vs_topk", "step vs TopK", "{:.1f}x"),
     ("encode_tok_s", "encode tok/s", "{:,.0f}"),
@@ -480,6 +516,7 @@ def markdown(
                 str(row["sae"]),
                 str(row["N"]),
                 str(row["e"]),
+                str(row["matmul_path"] or "-"),
                 f"fails: {row['error']}",
             ]
             cells += [""] * (len(COLUMNS) - len(cells))
@@ -562,6 +599,7 @@ def machine(placement: Placement = Placement()) -> dict[str, Any]:
         "device": placement.device,
         "gpu": gpu,
         "dtype": placement.dtype,
+        "autocast": placement.autocast,
         "load_average_at_end": load,
     }
 
@@ -611,6 +649,11 @@ def main() -> None:
         "--dtype", default="float32", help="parameter and input dtype, e.g. bfloat16"
     )
     parser.add_argument(
+        "--autocast",
+        action="store_true",
+        help="train and encode under bfloat16 autocast (SAELens's autocast=True)",
+    )
+    parser.add_argument(
         "--widths",
         type=int,
         nargs="+",
@@ -629,7 +672,7 @@ def main() -> None:
         print(json.dumps(scaling_curve(sizes, args.reps)))
         return
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    placement = Placement(args.device, args.dtype)
+    placement = Placement(args.device, args.dtype, args.autocast)
     widths = args.widths or (GPU_WIDTHS if args.device.startswith("cuda") else None)
     if widths:
         sweep(width_sweep(sizes, widths), args.reps, placement, args.output_dir)
@@ -675,6 +718,7 @@ def sweep(
     table = "\n\n".join(tables)
     print(table)
     stem = f"throughput_{torch.device(placement.device).type}_{placement.dtype}"
+    stem += "_autocast" if placement.autocast else ""
     (output_dir / f"{stem}.md").write_text(table + "\n")
     report = {
         "repetitions": reps,

@@ -5,9 +5,11 @@ GPT-2 small, `blocks.8.hook_resid_post`, OpenWebText; d_sae 24,576 = 64 experts 
 10,000 steps x 8,192 tokens (81.92M tokens); Adam with lr 2e-4 / sqrt(24576 / 2**14)
 = 1.63e-4, gradient clipping at 1.0 (SAELens's default) and a linear decay to 0
 over the last 20% of steps; no AuxK loss, as in the paper. Unlike the paper
-(20-token contexts, padding kept), contexts are SAELens's usual 128 tokens.
+(20-token contexts, padding kept), contexts are SAELens's usual 128 tokens. On
+CUDA the SAE trains under SAELens's bfloat16 autocast (`autocast=True`), so the
+expert matmuls take PyTorch's fast grouped kernel on an H100.
 
-    pip install saelens-moe
+    pip install ./saelens-moe   # a clone of this repository (not yet on PyPI)
     python examples/train_gpt2_layer8.py --n_active_experts 2 --k 32
     python examples/train_gpt2_layer8.py --n_active_experts 4 --k 32 --push org/repo
     python examples/train_gpt2_layer8.py --smoke   # tiny local model, seconds on a CPU
@@ -127,6 +129,8 @@ def shared_runner_fields(setting: Setting, device: str, wandb: bool) -> dict[str
         "lr_scheduler_name": "constant",
         "lr_decay_steps": int(DECAY_FRACTION * setting.steps),
         "device": device,
+        # bfloat16 matmuls: on CUDA the only dtype PyTorch's fast grouped kernel takes
+        "autocast": torch.device(device).type == "cuda",
         "logger": LoggingConfig(log_to_wandb=wandb, wandb_project="saelens-moe"),
         "checkpoint_path": None,
     }

@@ -12,6 +12,7 @@ import re
 import shutil
 from collections.abc import Generator, Mapping
 from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, metadata
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any, NamedTuple
@@ -40,10 +41,11 @@ PAPERS: dict[str, tuple[str, str]] = {
     ),
 }
 CLASS_NAMES = {"scale": "ScaleSAE", "switch": "SwitchSAE"}
-REQUIREMENT_NOTE = (
-    "needs the saelens-moe plugin: `pip install saelens-moe`, then `import saelens_moe` "
-    "before loading (without it SAELens raises KeyError: 'scale')"
-)
+PLUGIN_ARCHITECTURES = frozenset(CLASS_NAMES)
+"""Architectures that load only with this plugin imported; SAELens's own need nothing."""
+DISTRIBUTION = "saelens-moe"
+PUBLISHED_INSTALL = f"pip install {DISTRIBUTION}"
+"""The install command once the release is on PyPI (it is not there yet)."""
 REDACTED = "<redacted>"
 TOKEN_KEYS = frozenset({"token", "use_auth_token", "hf_token", "hub_token"})
 TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{20,}")
@@ -149,10 +151,53 @@ def _stage_folder(folder: Path, staged: Path, token: str | None) -> Path:
     return staged
 
 
+def repository_install() -> str:
+    """The one command that installs this package today, from its repository.
+
+    Uses the "Repository" URL of the installed package's metadata
+    (`[project.urls]` in pyproject.toml) when it has one, else a clone of the
+    repository in `./saelens-moe`.
+    """
+    url = _repository_url()
+    if url is None:
+        return f"pip install ./{DISTRIBUTION}"
+    return f'pip install "{DISTRIBUTION} @ git+{url}"'
+
+
+def _repository_source() -> str:
+    if _repository_url() is None:
+        return f"a clone of the saelens-moe repository in ./{DISTRIBUTION}"
+    return "the saelens-moe repository"
+
+
+def requirement_note(architecture: str) -> str:
+    """How to get a `scale` / `switch` SAE loading: install, then import."""
+    return (
+        f"needs the saelens-moe plugin {__version__} or later (today from "
+        f"{_repository_source()}: `{repository_install()}`; once published on PyPI: "
+        f"`{PUBLISHED_INSTALL}`), then `import saelens_moe` before loading (without "
+        f"it SAELens raises KeyError: '{architecture}')"
+    )
+
+
+def _repository_url() -> str | None:
+    try:
+        urls = metadata(DISTRIBUTION).get_all("Project-URL") or []
+    except PackageNotFoundError:
+        return None
+    for entry in urls:
+        label, _, url = entry.partition(",")
+        if label.strip().lower() in ("repository", "source") and url.strip():
+            return url.strip()
+    return None
+
+
 def _label_config(cfg: dict[str, Any]) -> None:
-    """Say in cfg.json's metadata which package loads this SAE."""
+    """Say in cfg.json's metadata which package loads this SAE, if one is needed."""
     metadata = cfg.setdefault("metadata", {})
-    metadata["requires"] = f"This SAE {REQUIREMENT_NOTE}."
+    architecture = str(cfg.get("architecture"))
+    if architecture in PLUGIN_ARCHITECTURES:
+        metadata["requires"] = f"This SAE {requirement_note(architecture)}."
     metadata["saelens_moe_version"] = __version__
 
 
@@ -202,7 +247,7 @@ def build_model_card(
     sections = [
         _front_matter(saes.values()),
         _card_intro(saes.values()),
-        _usage(repo_id, first_id),
+        _usage(repo_id, first_id, _architectures(saes.values())),
         *(
             _sae_section(sae_id, sae, metrics.get(sae_id))
             for sae_id, sae in saes.items()
@@ -216,65 +261,86 @@ def _architectures(saes: Any) -> list[str]:
 
 
 def _front_matter(saes: Any) -> str:
-    tags = ["sparse-autoencoder", "saelens", "saelens-moe", "mixture-of-experts"]
-    tags += [f"{name}-sae" for name in _architectures(saes)]
+    names = _architectures(saes)
+    tags = ["sparse-autoencoder", "saelens", "saelens-moe"]
+    if any(name in PLUGIN_ARCHITECTURES for name in names):
+        tags.append("mixture-of-experts")
+    tags += [f"{name}-sae" for name in names]
     tag_lines = "\n".join(f"- {tag}" for tag in tags)
     return f"---\nlibrary_name: saelens\ntags:\n{tag_lines}\n---"
 
 
 def _card_intro(saes: Any) -> str:
-    lines = ["# Mixture-of-Experts sparse autoencoders for SAELens", ""]
+    names = _architectures(saes)
+    moe = any(name in PLUGIN_ARCHITECTURES for name in names)
+    title = "Mixture-of-Experts sparse autoencoders" if moe else "Sparse autoencoders"
+    lines = [f"# {title} for SAELens", ""]
     lines.append(
-        "Trained with [SAELens](https://github.com/decoderesearch/SAELens) and the "
-        "`saelens-moe` plugin, which registers these architectures:"
+        "Trained with [SAELens](https://github.com/decoderesearch/SAELens) and "
+        "published with the `saelens-moe` plugin. Architectures here:"
     )
-    for name in _architectures(saes):
-        title, url = PAPERS.get(name, (name, ""))
-        lines.append(f"- `{name}`: {title} ({url})" if url else f"- `{name}`")
+    lines.append("")
+    for name in names:
+        paper_title, url = PAPERS.get(name, (name, ""))
+        source = "saelens-moe" if name in PLUGIN_ARCHITECTURES else "SAELens"
+        paper = f": {paper_title} ({url})" if url else ""
+        lines.append(f"- `{name}` ({source}){paper}")
     return "\n".join(lines)
 
 
-def _usage(repo_id: str, sae_id: str) -> str:
+def _usage(repo_id: str, sae_id: str, architectures: list[str]) -> str:
+    plugin = [name for name in architectures if name in PLUGIN_ARCHITECTURES]
+    load = [
+        "```python",
+        "from sae_lens import SAE",
+        "",
+        f'sae = SAE.from_pretrained("{repo_id}", "{sae_id}")',
+        "```",
+    ]
+    if not plugin:
+        return "\n".join(
+            ["## Usage", "", "These SAEs load with SAELens alone:", "", *load]
+        )
+    names = ", ".join(f"`{name}`" for name in plugin)
+    need = f"The {names} SAEs here need the saelens-moe plugin {__version__} or later"
+    others = len(plugin) < len(architectures)
     return "\n".join(
         [
             "## Usage",
             "",
+            need
+            + ("; every other SAE here loads with SAELens alone." if others else "."),
+            "",
             "```bash",
-            "pip install saelens-moe",
+            f"# today, from {_repository_source()}:",
+            repository_install(),
+            "# once saelens-moe is published on PyPI (not yet):",
+            PUBLISHED_INSTALL,
             "```",
             "",
-            "```python",
-            "import saelens_moe  # registers the 'scale' and 'switch' architectures",
-            "from sae_lens import SAE",
+            "Import it before loading (without it SAELens raises "
+            f"KeyError: '{plugin[0]}'):",
             "",
-            f'sae = SAE.from_pretrained("{repo_id}", "{sae_id}")',
-            "```",
-            "",
-            f"Every SAE here {REQUIREMENT_NOTE}.",
+            load[0],
+            f"import saelens_moe  # registers the {names} architectures",
+            *load[1:],
         ]
     )
 
 
 def _sae_section(sae_id: str, sae: TrainedSAE, metrics: Metrics | None) -> str:
     architecture = str(sae.cfg.get("architecture"))
-    class_name = CLASS_NAMES.get(architecture, architecture)
-    return "\n".join(
-        [
-            f"## `{sae_id}`",
-            "",
-            f"Architecture: `{architecture}` (`{class_name}`).",
-            "",
-            _table(("field", "value"), _architecture_fields(sae.cfg)),
-            "",
-            "### Training run",
-            "",
-            _table(("setting", "value"), _run_fields(sae)),
-            "",
-            "### Metrics",
-            "",
-            _metrics_section(sae.cfg, metrics),
-        ]
-    )
+    class_name = CLASS_NAMES.get(architecture)
+    named = f" (`{class_name}`)" if class_name else ""
+    lines = [f"## `{sae_id}`", "", f"Architecture: `{architecture}`{named}."]
+    fields = _architecture_fields(sae.cfg)
+    if fields:
+        lines += ["", _table(("field", "value"), fields)]
+    run = _run_fields(sae)
+    if run:
+        lines += ["", "### Training run", "", _table(("setting", "value"), run)]
+    lines += ["", "### Metrics", "", _metrics_section(sae.cfg, metrics)]
+    return "\n".join(lines)
 
 
 def _architecture_fields(cfg: Mapping[str, Any]) -> list[tuple[str, str]]:

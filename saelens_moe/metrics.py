@@ -285,7 +285,7 @@ def feature_dimensionality(
     weights = (
         torch.ones_like(per_expert)
         if usage is None
-        else torch.tensor(list(usage), dtype=per_expert.dtype)
+        else torch.tensor(list(usage), dtype=per_expert.dtype, device=per_expert.device)
     )
     if weights.sum() <= 0:
         weights = torch.ones_like(per_expert)

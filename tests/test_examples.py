@@ -54,6 +54,16 @@ def test_recipe_config_is_the_papers_gpt2_layer8_setting(
     assert (cfg.lr_scheduler_name, cfg.lr_decay_steps) == ("constant", 2_000)
     assert (cfg.adam_beta1, cfg.adam_beta2) == (0.9, 0.999)
     assert cfg.n_batches_in_buffer * cfg.context_size >= cfg.train_batch_size_tokens
+    assert cfg.autocast is False  # on the CPU
+
+
+def test_recipe_trains_under_bfloat16_autocast_on_cuda(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    recipe = example("train_gpt2_layer8", monkeypatch)
+    for device, autocast in [("cuda", True), ("cuda:1", True), ("cpu", False)]:
+        fields = recipe.shared_runner_fields(recipe.PAPER, device, wandb=False)
+        assert fields["autocast"] is autocast, device
 
 
 def test_recipe_smoke_trains_a_loadable_scale_sae(smoke_sae: Path) -> None:

@@ -17,9 +17,21 @@ from sae_lens import (
     LanguageModelSAETrainingRunner,
     LoggingConfig,
 )
+from sae_lens.saes.topk_sae import (
+    TopKSAEConfig,
+    TopKTrainingSAE,
+    TopKTrainingSAEConfig,
+)
 
 from saelens_moe import ScaleSAE, ScaleTrainingSAE, ScaleTrainingSAEConfig
-from saelens_moe.hub import build_model_card, push_to_hub, read_output_folder
+from saelens_moe import hub as hub_module
+from saelens_moe.hub import (
+    TrainedSAE,
+    build_model_card,
+    push_to_hub,
+    read_output_folder,
+    repository_install,
+)
 from tests.helpers import (
     TINY_D_MODEL,
     FakeHub,
@@ -266,3 +278,88 @@ def test_from_pretrained_loads_the_published_sae_offline(
         torch.testing.assert_close(loaded["out"], published(x), rtol=0, atol=0)
         torch.testing.assert_close(loaded["acts"], published.encode(x), rtol=0, atol=0)
         torch.testing.assert_close(loaded["out"], training_sae(x))
+
+
+def topk_cfg() -> dict[str, Any]:
+    """cfg.json of a SAELens TopK SAE, as SAELens's synthetic runner leaves it."""
+    return TopKSAEConfig(d_in=8, d_sae=16, k=2).to_dict()
+
+
+def test_model_card_says_how_to_install_today_and_once_published(
+    trained: tuple[Path, ScaleTrainingSAE],
+) -> None:
+    card = build_model_card(REPO, {SAE_ID: read_output_folder(trained[0])})
+    lines = card.splitlines()
+
+    published = lines.index("pip install saelens-moe")
+    assert "once saelens-moe is published on PyPI (not yet)" in lines[published - 1]
+    assert repository_install() in lines[published - 2]
+    assert "# today, from " in lines[published - 3]
+    assert "saelens-moe repository" in lines[published - 3]
+    assert "import saelens_moe" in card
+    assert "The `scale` SAEs here need the saelens-moe plugin" in card
+    assert "SAELens alone" not in card  # every SAE here needs it
+
+
+def test_model_card_of_saelens_architectures_only_does_not_require_the_plugin() -> None:
+    card = build_model_card(REPO, {"topk": TrainedSAE(topk_cfg(), None)})
+
+    assert "load with SAELens alone" in card
+    assert "import saelens_moe" not in card
+    assert "pip install saelens-moe" not in card
+    assert "Architecture: `topk`." in card
+
+
+def test_model_card_of_mixed_architectures_names_which_need_the_plugin(
+    trained: tuple[Path, ScaleTrainingSAE],
+) -> None:
+    card = build_model_card(
+        REPO,
+        {"moe": read_output_folder(trained[0]), "topk": TrainedSAE(topk_cfg(), None)},
+    )
+    assert "The `scale` SAEs here need the saelens-moe plugin" in card
+    assert "every other SAE here loads with SAELens alone" in card
+    assert "- `topk` (SAELens)" in card
+    assert "- `scale` (saelens-moe)" in card
+
+
+def test_model_card_prints_no_empty_table_for_a_synthetic_runner_folder() -> None:
+    card = build_model_card(REPO, {"topk": TrainedSAE(topk_cfg(), None)})
+
+    assert "### Training run" not in card
+    lines = card.splitlines()
+    for index, line in enumerate(lines):
+        if line == "| --- | --- |":
+            assert lines[index + 1].startswith("| "), "a table with no rows"
+    assert "No metrics were recorded for this SAE." in card
+
+
+def test_push_to_hub_labels_only_plugin_architectures(
+    tmp_path: Path, hub: FakeHub
+) -> None:
+    folder = tmp_path / "topk"
+    TopKTrainingSAE(TopKTrainingSAEConfig(d_in=8, d_sae=16, k=2)).save_inference_model(
+        str(folder)
+    )
+    push_to_hub({"topk": folder}, REPO)
+
+    sent = json.loads((hub.root / REPO / "topk" / "cfg.json").read_text())
+    assert "requires" not in sent["metadata"]
+    card = (hub.root / REPO / "README.md").read_text()
+    assert "import saelens_moe" not in card
+
+
+def test_repository_install_is_one_pip_command() -> None:
+    command = repository_install()
+    assert command.startswith("pip install ")
+    assert "saelens-moe" in command
+
+
+def test_repository_install_uses_the_repository_url_once_the_metadata_has_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url = "https://example.org/owner/saelens-moe"
+    monkeypatch.setattr(hub_module, "_repository_url", lambda: url)
+    assert repository_install() == f'pip install "saelens-moe @ git+{url}"'
+    card = build_model_card(REPO, {SAE_ID: TrainedSAE({"architecture": "scale"}, None)})
+    assert f'pip install "saelens-moe @ git+{url}"' in card

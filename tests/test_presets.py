@@ -47,3 +47,16 @@ def test_paper_setting_runner_fields_exist_on_saelens_runner_configs() -> None:
 def test_paper_setting_refuses_impossible_sizes(steps: int, d_sae: int) -> None:
     with pytest.raises(ValueError, match=r"total_training_steps|d_sae"):
         paper_setting(steps, d_sae)
+
+
+def test_paper_setting_on_cuda_trains_under_bfloat16_autocast() -> None:
+    from dataclasses import fields
+
+    from sae_lens import LanguageModelSAERunnerConfig
+
+    for device in ("cuda", "cuda:1"):
+        runner = paper_setting(100, device=device).runner
+        assert runner["autocast"] is True
+        assert set(runner) <= {f.name for f in fields(LanguageModelSAERunnerConfig)}
+    for device in ("cpu", "mps"):
+        assert "autocast" not in paper_setting(100, device=device).runner

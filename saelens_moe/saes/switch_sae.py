@@ -38,12 +38,13 @@ def _require_switch_routing(cfg: ScaleSAEConfig | ScaleTrainingSAEConfig) -> Non
 class SwitchSAEConfig(ScaleSAEConfig):
     """Configuration of an inference Switch SAE (arXiv 2410.08201).
 
+    k, n_experts, rescale_acts_by_decoder_norm and the SAEConfig fields are as in
+    ScaleSAEConfig.
+
     Args:
         n_active_experts (int): Always 1: each token uses one expert.
         expert_weighting (str): Always "probs": the expert's activations are
             multiplied by its router probability.
-        k, n_experts, rescale_acts_by_decoder_norm and the SAEConfig fields: as in
-            ScaleSAEConfig.
     """
 
     n_active_experts: int = 1
@@ -70,14 +71,15 @@ class SwitchSAE(ScaleSAE):
 class SwitchTrainingSAEConfig(ScaleTrainingSAEConfig):
     """Configuration for training a Switch SAE (arXiv 2410.08201).
 
+    k, n_experts, load_balancing_coefficient, load_balancing_warm_up_steps,
+    aux_loss_coefficient, dead_latent_window, rescale_acts_by_decoder_norm and the
+    inherited fields are as in ScaleTrainingSAEConfig.
+
     Args:
         n_active_experts (int): Always 1: each token uses one expert.
         expert_weighting (str): Always "probs".
         feature_scaling (bool): Always False: Feature Scaling is the Scale SAE's.
         learn_lowpass (bool): Unused without Feature Scaling; False.
-        k, n_experts, load_balancing_coefficient, load_balancing_warm_up_steps,
-            aux_loss_coefficient, dead_latent_window, rescale_acts_by_decoder_norm
-            and the inherited fields: as in ScaleTrainingSAEConfig.
     """
 
     n_active_experts: int = 1

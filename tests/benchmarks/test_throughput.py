@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from tests.benchmarks import load_benchmark
+
 
 def test_throughput_benchmark_quick_run_writes_table_json_and_plot(
     tmp_path: Path,
@@ -37,6 +41,9 @@ def test_throughput_benchmark_quick_run_writes_table_json_and_plot(
         assert rows[key]["step_tok_s"] > 0
         assert rows[key]["step_transient_gib"] is not None
     assert rows[("scale", 16, 2)]["encode_sparse_tok_s"] > 0
+    assert rows[("scale", 16, 2)]["matmul_path"] == "grouped"
+    assert rows[("topk", None, None)]["matmul_path"] is None
+    assert "| scale | 16 | 2 | grouped |" in result.stdout
     for curve in ("scaling_curve", "scaling_curve_huge_pages"):
         assert [point["d_sae"] for point in report[curve]] == [512, 1024, 2048]
     assert (tmp_path / "throughput_quick_scaling.png").stat().st_size > 0
@@ -66,6 +73,28 @@ def test_throughput_width_sweep_runs_the_gpu_code_path_on_cpu(tmp_path: Path) ->
             assert rows[name]["error"] is None, name
             assert rows[name]["step_tok_s"] > 0
         assert rows["scale"]["encode_sparse_tok_s"] > 0
+        assert rows["switch"]["matmul_path"] == "grouped"
     assert (
         (tmp_path / "throughput_cpu_bfloat16.md").read_text().startswith("d_sae 1024")
     )
+
+
+@pytest.mark.parametrize(
+    ("dtype", "autocast", "path"),
+    [
+        ("float32", False, "grouped"),
+        ("float32", True, "grouped"),
+        ("float64", False, "every_expert"),
+        ("float64", True, "grouped"),
+    ],
+)
+def test_throughput_records_the_matmul_path_of_the_compute_dtype(
+    dtype: str, autocast: bool, path: str
+) -> None:
+    throughput = load_benchmark("throughput")
+    placement = throughput.Placement("cpu", dtype, autocast)
+    sizes = throughput.QUICK
+    scale = throughput.build(throughput.Candidate("scale", 16, 2), sizes, placement)
+    topk = throughput.build(throughput.Candidate("topk"), sizes, placement)
+    assert throughput.matmul_path(scale, placement) == path
+    assert throughput.matmul_path(topk, placement) is None

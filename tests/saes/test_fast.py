@@ -1,5 +1,6 @@
 """The fast subpackage against `moe`'s plain functions and per-expert matmuls."""
 
+import warnings
 from typing import Any
 
 import pytest
@@ -162,3 +163,83 @@ def test_fast_top_k_equals_moe_top_k_with_gradients() -> None:
         strict=True,
     ):
         torch.testing.assert_close(got, expected)
+
+
+H100, A100 = (9, 0), (8, 0)
+
+
+@pytest.mark.parametrize(
+    ("device_type", "dtype", "capability", "aligned", "path"),
+    [
+        ("cuda", torch.bfloat16, H100, True, "grouped"),
+        ("cuda", torch.bfloat16, (10, 0), True, "grouped"),
+        ("cuda", torch.float32, H100, True, "grouped_host_sync"),
+        ("cuda", torch.float16, H100, True, "grouped_host_sync"),
+        ("cuda", torch.bfloat16, A100, True, "grouped_host_sync"),
+        ("cuda", torch.bfloat16, (12, 0), True, "grouped_host_sync"),
+        ("cuda", torch.bfloat16, None, True, "grouped_host_sync"),
+        ("cuda", torch.float64, H100, True, "every_expert"),
+        ("cuda", torch.bfloat16, H100, False, "every_expert"),
+        ("cpu", torch.float32, None, True, "grouped"),
+        ("cpu", torch.bfloat16, None, True, "grouped"),
+        ("cpu", torch.float64, None, True, "every_expert"),
+        ("cpu", torch.float32, None, False, "every_expert"),
+        ("mps", torch.float32, None, True, "every_expert"),
+        ("meta", torch.bfloat16, None, True, "every_expert"),
+    ],
+)
+def test_expert_matmul_path_over_device_dtype_and_capability(
+    device_type: str,
+    dtype: torch.dtype,
+    capability: tuple[int, int] | None,
+    aligned: bool,
+    path: str,
+) -> None:
+    assert path in grouped_matmuls.EXPERT_MATMUL_PATHS
+    assert (
+        grouped_matmuls.expert_matmul_path(device_type, dtype, capability, aligned)
+        == path
+    )
+
+
+def test_expert_matmul_path_of_reads_alignment_from_the_encoder() -> None:
+    assert grouped_matmuls.expert_matmul_path_of(torch.empty(D_IN, 32), BLOCK) == (
+        "grouped"
+    )
+    assert grouped_matmuls.expert_matmul_path_of(torch.empty(10, 32), BLOCK) == (
+        "every_expert"
+    )
+
+
+def test_host_sync_warning_names_the_fix_where_the_gpu_has_the_kernel() -> None:
+    message = grouped_matmuls.host_sync_message(torch.float32, H100)
+    assert "torch.float32" in message
+    assert "autocast=True" in message
+    assert 'dtype="bfloat16"' in message
+    older = grouped_matmuls.host_sync_message(torch.bfloat16, A100)
+    assert "compute capability 8.0" in older
+    assert "autocast=True" not in older
+
+
+def test_host_sync_warning_is_given_once_per_gpu_and_dtype(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(
+        grouped_matmuls, "expert_matmul_path_of", lambda *_: "grouped_host_sync"
+    )
+    monkeypatch.setattr(grouped_matmuls, "_cuda_capability", lambda _: H100)
+    grouped_matmuls._warn_host_sync.cache_clear()
+    W_enc = torch.empty(D_IN, 32)
+    with pytest.warns(grouped_matmuls.ExpertMatmulFallbackWarning) as caught:
+        for _ in range(3):
+            grouped_matmuls._warn_if_host_sync(W_enc, BLOCK)
+    assert len(caught) == 1
+    grouped_matmuls._warn_host_sync.cache_clear()
+
+
+def test_no_host_sync_warning_on_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(grouped_matmuls, "expert_matmul_path_of", lambda *_: "grouped")
+    grouped_matmuls._warn_host_sync.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        grouped_matmuls._warn_if_host_sync(torch.empty(D_IN, 32), BLOCK)

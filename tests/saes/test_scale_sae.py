@@ -629,3 +629,22 @@ def test_training_configs_start_decoder_rows_at_unit_norm() -> None:
     )
     torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(D_SAE))
     torch.testing.assert_close(sae.W_enc, sae.W_dec.T)
+
+
+def test_ScaleTrainingSAE_balanced_router_logs_loss_alpha_d_in_and_ratio_one() -> None:
+    """The logged loss's floor is alpha * d_in; the companion ratio reads 1 there."""
+    sae = make_sae(n_active_experts=1, k=4, feature_scaling=False)
+    with torch.no_grad():
+        sae.b_dec.zero_()
+        sae.b_router.zero_()
+        sae.W_router.zero_()
+        sae.W_router[:N_EXPERTS].copy_(10 * torch.eye(N_EXPERTS))
+    x = torch.eye(D_IN)[:N_EXPERTS].repeat(4, 1)  # each expert first for 4 tokens
+    output = sae.training_forward_pass(step_input(x))
+
+    alpha = sae.cfg.load_balancing_coefficient
+    loss = output.losses["load_balancing_loss"]
+    torch.testing.assert_close(loss, torch.tensor(alpha * D_IN))
+    ratio = output.metrics["moe/load_balance_ratio"]
+    assert callable(ratio)
+    assert ratio() == pytest.approx(1.0)

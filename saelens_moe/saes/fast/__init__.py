@@ -5,8 +5,12 @@
   W_dec's gradient written once.
 - `keep_top_k`: backward over the kept entries only.
 
-Only `scale_sae.py` imports this subpackage, in one line (`fast as COMPUTE`); with
-`moe as COMPUTE` there the model runs on the plain versions, and this folder can go.
+`grouped.expert_matmul_path` says which path the expert matmuls take on a device,
+dtype and GPU; `autocast` answers autocast queries for every device (meta too).
+
+In the package only `scale_sae.py` imports this subpackage, in one line (`fast as
+COMPUTE`); with `moe as COMPUTE` there the model runs on the plain versions, and this
+folder can go (with `benchmarks/throughput.py`'s record of the matmul path).
 """
 
 from saelens_moe.saes.fast.decoder import decode_sparse, decoder_for

@@ -5,6 +5,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from saelens_moe.saes.fast.autocast import autocast_disabled
 from saelens_moe.saes.moe import Decoder, SparseCode
 
 
@@ -51,7 +52,7 @@ def decode_sparse(code: SparseCode, decoder: Decoder) -> torch.Tensor:
     if decoder.norms is not None:
         weights = weights / decoder.norms[code.latents]
     weight = decoder.weight
-    with torch.autocast(device_type=weight.device.type, enabled=False):
+    with autocast_disabled(weight.device.type):
         return F.embedding_bag(
             code.latents,
             weight,

@@ -9,15 +9,88 @@ of experts, and nothing is read back to the host, so a GPU never waits on the CP
 aligned to 16 bytes. Elsewhere (float64, odd widths, other devices) `moe`'s plain
 version runs: every expert computed for every token, the selected blocks picked;
 the same values at N/e times the cost, still a fixed number of ops.
+
+On CUDA, PyTorch has one fast grouped kernel: bfloat16 on compute capability 9.0
+and 10.0 (`_grouped_mm_cuda` in PyTorch's `GroupedBlas.cpp`). Every other CUDA
+case runs PyTorch's fallback, which copies the group ends to the host and loops
+over the experts: correct, but a host sync per call. `expert_matmul_path` says
+which of these paths a device, dtype and GPU take; the SAE warns once
+(`ExpertMatmulFallbackWarning`) when it takes the fallback.
 """
+
+import warnings
+from functools import cache
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
 from saelens_moe.saes import moe
+from saelens_moe.saes.fast.autocast import autocast_dtype
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _GROUPED_MM_DEVICES = ("cpu", "cuda")
+GROUPED_KERNEL_CAPABILITIES = ((9, 0), (10, 0))
+"""CUDA compute capabilities with PyTorch's fast grouped kernel (bfloat16 only)."""
+
+ExpertMatmulPath = Literal["grouped", "grouped_host_sync", "every_expert"]
+"""How the selected experts' encoder matmuls run:
+
+- "grouped": one `grouped_mm`, group ends never read by the host (CPU; CUDA in
+  bfloat16 on compute capability 9.0 / 10.0).
+- "grouped_host_sync": one `grouped_mm` that PyTorch runs as its fallback: the
+  group ends copied to the host, one `mm` per expert (CUDA, any other dtype or GPU).
+- "every_expert": `moe`'s plain version, every expert computed and the selected
+  ones picked (float64, rows not 16-byte aligned, devices without `grouped_mm`).
+"""
+EXPERT_MATMUL_PATHS: tuple[str, ...] = get_args(ExpertMatmulPath)
+
+
+class ExpertMatmulFallbackWarning(UserWarning):
+    """The expert matmuls on this GPU take PyTorch's host-syncing fallback."""
+
+
+def expert_matmul_path(
+    device_type: str,
+    dtype: torch.dtype,
+    capability: tuple[int, int] | None = None,
+    aligned: bool = True,
+) -> ExpertMatmulPath:
+    """The path the expert matmuls take for a device type, compute dtype and GPU.
+
+    Args:
+        device_type: The encoder's device type ("cpu", "cuda", "meta", ...).
+        dtype: The dtype the matmuls run in (autocast's dtype under autocast).
+        capability: The CUDA compute capability (major, minor); None off CUDA or
+            when unknown, which counts as a GPU without the fast kernel.
+        aligned: Whether the encoder is contiguous with 16-byte rows and blocks.
+    """
+    if (
+        device_type not in _GROUPED_MM_DEVICES
+        or dtype not in _GROUPED_MM_DTYPES
+        or not aligned
+    ):
+        return "every_expert"
+    if device_type == "cpu":
+        return "grouped"
+    if dtype == torch.bfloat16 and capability in GROUPED_KERNEL_CAPABILITIES:
+        return "grouped"
+    return "grouped_host_sync"
+
+
+def expert_matmul_path_of(
+    W_enc: torch.Tensor, block_size: int, dtype: torch.dtype | None = None
+) -> ExpertMatmulPath:
+    """`expert_matmul_path` of an encoder [d_in, d_sae] whose matmuls run in `dtype`.
+
+    `dtype` defaults to the encoder's own; under autocast pass autocast's dtype.
+    """
+    dtype = W_enc.dtype if dtype is None else dtype
+    capability = None
+    if W_enc.device.type == "cuda":
+        capability = _cuda_capability(W_enc.device.index)
+    aligned = _is_aligned(W_enc, block_size, dtype)
+    return expert_matmul_path(W_enc.device.type, dtype, capability, aligned)
 
 
 def selected_expert_matmuls(
@@ -32,6 +105,8 @@ def selected_expert_matmuls(
     block_size = W_enc.shape[1] // n_experts
     if not grouped_mm_handles(W_enc, block_size):
         return moe.selected_expert_matmuls(sae_in, experts, W_enc, n_experts)
+    if W_enc.device.type == "cuda" and not torch.compiler.is_compiling():
+        _warn_if_host_sync(W_enc, block_size)
     pair_experts, pair_order = experts.reshape(-1).sort(stable=True)
     group_ends = torch.searchsorted(
         pair_experts, torch.arange(n_experts, device=experts.device), right=True
@@ -45,11 +120,16 @@ def selected_expert_matmuls(
 
 def grouped_mm_handles(W_enc: torch.Tensor, block_size: int) -> bool:
     """Whether `grouped_mm` takes this encoder: dtype, device and 16-byte rows."""
-    alignment = 16 // W_enc.element_size()
+    aligned = _is_aligned(W_enc, block_size, W_enc.dtype)
+    path = expert_matmul_path(W_enc.device.type, W_enc.dtype, aligned=aligned)
+    return path != "every_expert"
+
+
+def _is_aligned(W_enc: torch.Tensor, block_size: int, dtype: torch.dtype) -> bool:
+    """Contiguous, with rows and expert blocks a multiple of 16 bytes in `dtype`."""
+    alignment = 16 // dtype.itemsize
     return (
-        W_enc.dtype in _GROUPED_MM_DTYPES
-        and W_enc.device.type in _GROUPED_MM_DEVICES
-        and W_enc.is_contiguous()
+        W_enc.is_contiguous()
         and W_enc.shape[0] % alignment == 0
         and block_size % alignment == 0
     )
@@ -59,11 +139,51 @@ def _in_compute_dtype(
     sae_in: torch.Tensor, W_enc: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Both operands in autocast's dtype under autocast, else in W_enc's."""
-    device = W_enc.device.type
-    if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
+    dtype = autocast_dtype(W_enc.device.type)
+    if dtype is not None:
         return sae_in.to(dtype), W_enc.to(dtype)
     return sae_in.to(W_enc.dtype), W_enc
+
+
+@cache
+def _cuda_capability(device_index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def _warn_if_host_sync(W_enc: torch.Tensor, block_size: int) -> None:
+    """Warn once per GPU and dtype when the grouped matmul takes the fallback."""
+    if expert_matmul_path_of(W_enc, block_size) == "grouped_host_sync":
+        _warn_host_sync(W_enc.device.index, W_enc.dtype)
+
+
+@cache
+def _warn_host_sync(device_index: int | None, dtype: torch.dtype) -> None:
+    message = host_sync_message(dtype, _cuda_capability(device_index))
+    warnings.warn(message, ExpertMatmulFallbackWarning, stacklevel=5)
+
+
+def host_sync_message(dtype: torch.dtype, capability: tuple[int, int]) -> str:
+    """What `ExpertMatmulFallbackWarning` says for a compute dtype on a GPU."""
+    major, minor = capability
+    kernel = " or ".join(f"{a}.{b}" for a, b in GROUPED_KERNEL_CAPABILITIES)
+    if capability in GROUPED_KERNEL_CAPABILITIES:
+        fix = (
+            "train with SAELens's autocast=True (bfloat16 matmuls; outside training, "
+            'torch.autocast("cuda", dtype=torch.bfloat16)) or build the SAE with '
+            'dtype="bfloat16"'
+        )
+    else:
+        fix = (
+            f"this GPU (compute capability {major}.{minor}) has no such kernel, so "
+            "the fallback is the only grouped path on it"
+        )
+    return (
+        f"The Scale/Switch SAE's expert matmuls run in {dtype} on CUDA, which "
+        "PyTorch's grouped_mm serves with its fallback: the group ends are copied "
+        "to the host and each expert runs its own mm (a host sync per call). Its "
+        f"fast kernel takes bfloat16 on compute capability {kernel}: {fix}. "
+        "Given once per GPU and dtype."
+    )
 
 
 @torch.library.custom_op("saelens_moe::grouped_mm", mutates_args=())
