@@ -438,7 +438,9 @@ def _squared_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tens
     """Sum of squares of `grads`, a float32 scalar on `device` (0 for no gradients)."""
     if not grads:
         return torch.zeros((), device=device)
-    return torch.stack([grad.float().pow(2).sum() for grad in grads]).sum()
+    # vector_norm, not grad.pow(2).sum(): no temporary the size of the gradient
+    norms = [torch.linalg.vector_norm(grad, dtype=torch.float32) for grad in grads]
+    return torch.stack(norms).square().sum()
 
 
 def _rank_zeros(value: Any, parallel: Parallel) -> Any:
