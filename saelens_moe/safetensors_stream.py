@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import Any, NamedTuple
 
 import torch
+from typing_extensions import Self, override
 
 DTYPE_NAMES = {
     torch.float64: "F64",
@@ -75,15 +76,12 @@ def _to_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy().tobytes())
 
 
-class SliceReader:
-    """Rows or column blocks of the tensors of one safetensors file."""
+class _OpenFile:
+    """A file descriptor closed on leaving the `with` block."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.entries = read_header(path)
-        self._fd = os.open(path, os.O_RDONLY)
+    _fd: int
 
-    def __enter__(self) -> "SliceReader":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -92,7 +90,20 @@ class SliceReader:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the file."""
         os.close(self._fd)
+
+
+class SliceReader(_OpenFile):
+    """Rows or column blocks of the tensors of one safetensors file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.entries = read_header(path)
+        self._fd = os.open(path, os.O_RDONLY)
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """`tensor[start:stop]`, read alone. [stop - start, ...]"""
@@ -118,7 +129,7 @@ class SliceReader:
         return self.rows(name, 0, self.entries[name].shape[0])
 
 
-class BlockWriter:
+class BlockWriter(_OpenFile):
     """Writes a safetensors file whose tensors arrive in blocks, in any order.
 
     The header is written first from the declared dtypes and shapes; every byte of
@@ -153,17 +164,11 @@ class BlockWriter:
             for name, (dtype, shape) in tensors.items()
         }
 
-    def __enter__(self) -> "BlockWriter":
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    @override
+    def close(self) -> None:
+        """Flush the file to disk and close it."""
         os.fsync(self._fd)
-        os.close(self._fd)
+        super().close()
 
     def rows(self, name: str, start: int, block: torch.Tensor) -> None:
         """Write `block` as `tensor[start:start + len(block)]`."""

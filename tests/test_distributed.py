@@ -471,6 +471,15 @@ RUN_SAE: dict[str, Any] = {"d_sae": 128, "n_experts": 8, "k": 6}
 RUN_STEPS = 6
 
 
+def _run_tiny(cfg: Any, parallel: Parallel) -> None:
+    DistributedSAETrainingRunner(
+        cfg,
+        parallel,
+        override_dataset=build_token_dataset(n_rows=512, context_size=CONTEXT),
+        override_model=build_tiny_gpt2(),
+    ).run()
+
+
 def _sharded_run(
     parallel: Parallel, out: Path, resume: Path | None = None, die_at: int = 0
 ) -> None:
@@ -486,12 +495,7 @@ def _sharded_run(
         training_tokens=RUN_STEPS * WORLD * BATCH_TOKENS,
         resume_from_checkpoint=None if resume is None else str(resume),
     )
-    DistributedSAETrainingRunner(
-        cfg,
-        parallel,
-        override_dataset=build_token_dataset(n_rows=512, context_size=CONTEXT),
-        override_model=build_tiny_gpt2(),
-    ).run()
+    _run_tiny(cfg, parallel)
 
 
 def _die_while_writing_shard(at_call: int) -> None:
@@ -642,15 +646,6 @@ def test_saelens_evals_run_on_every_rank_during_expert_parallel_training(
 # ------------------------------- no process ever builds a whole-dictionary tensor
 
 BIG_SAE: dict[str, Any] = {"d_sae": 32768, "n_experts": 128, "k": 8}
-
-
-def _run_tiny(cfg: Any, parallel: Parallel) -> None:
-    DistributedSAETrainingRunner(
-        cfg,
-        parallel,
-        override_dataset=build_token_dataset(n_rows=512, context_size=CONTEXT),
-        override_model=build_tiny_gpt2(),
-    ).run()
 
 
 def _recorded_lifecycle(parallel: Parallel, out: Path) -> None:
