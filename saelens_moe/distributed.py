@@ -28,6 +28,7 @@ import copy
 import dataclasses
 import json
 import os
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -136,12 +137,7 @@ def check_parallel_config(
             f"n_experts must be divisible by the number of processes {world} for "
             f"expert_parallel, got {cfg.sae.n_experts}"
         )
-    unsupported = {
-        "normalize_activations='covariance_whitening'": (
-            cfg.sae.normalize_activations == "covariance_whitening"
-        ),
-        "use_cached_activations": cfg.use_cached_activations,
-    }
+    unsupported = {"use_cached_activations": cfg.use_cached_activations}
     for setting, used in unsupported.items():
         if used:
             raise ValueError(f"{setting} is not supported on several processes yet")
@@ -221,6 +217,7 @@ class DistributedSAETrainer(SAETrainer[Any, Any]):
     def fit(self) -> TrainingSAE[Any]:
         try:
             self._estimate_scaling_factor_over_processes()
+            self._estimate_whitening_over_processes()
             return super().fit()
         except NonFiniteLossError:
             raise  # already names the rank whose loss it was
@@ -412,6 +409,21 @@ class DistributedSAETrainer(SAETrainer[Any, Any]):
             (sharded if name in sharded_names else replicated).append(parameter.grad)
         return replicated, sharded
 
+    def _estimate_whitening_over_processes(self) -> None:
+        """`covariance_whitening`'s statistics, from every process's batches: each
+        process estimates them from the same gathered batches, so all whiten alike."""
+        scaler = self.activation_scaler
+        if (
+            self.sae.cfg.normalize_activations != "covariance_whitening"
+            or scaler.whitening is not None
+        ):
+            return
+        scaler.estimate_whitening(
+            d_in=self.sae.cfg.d_in,
+            data_provider=_gathered_batches(self.data_provider, self.parallel),
+            n_batches_for_norm_estimate=self.cfg.n_batches_for_norm_estimate,
+        )
+
     def _estimate_scaling_factor_over_processes(self) -> None:
         """`expected_average_only_in`'s factor, estimated on every process's data."""
         scaler = self.activation_scaler
@@ -441,6 +453,16 @@ def _squared_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tens
     # vector_norm, not grad.pow(2).sum(): no temporary the size of the gradient
     norms = [torch.linalg.vector_norm(grad, dtype=torch.float32) for grad in grads]
     return torch.stack(norms).square().sum()
+
+
+def _gathered_batches(
+    data_provider: Iterator[torch.Tensor], parallel: Parallel
+) -> Iterator[torch.Tensor]:
+    """Every process's next batch, concatenated in rank order (a collective)."""
+    for batch in data_provider:
+        parts = [torch.empty_like(batch) for _ in range(parallel.world_size)]
+        dist.all_gather(parts, batch.contiguous(), group=parallel.group)
+        yield torch.cat(parts)
 
 
 def _rank_zeros(value: Any, parallel: Parallel) -> Any:

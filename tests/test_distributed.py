@@ -6,6 +6,7 @@ hanging. Workers write what they computed to files the test compares.
 """
 
 import copy
+import json
 import os
 import socket
 import subprocess
@@ -21,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from datasets import Dataset, IterableDataset
-from sae_lens import SAE, LoggingConfig
+from sae_lens import SAE, LanguageModelSAETrainingRunner, LoggingConfig
 from sae_lens.evals import EvalConfig, run_evals
 from sae_lens.saes.sae import TrainStepInput
 from sae_lens.training.activation_scaler import ActivationScaler
@@ -62,6 +63,7 @@ from tests.reliability_runs import (
     BATCH_TOKENS,
     CONTEXT,
     HOOK,
+    PROMPTS,
     activation_batches,
     make_trainer,
     runner_config,
@@ -643,6 +645,50 @@ def test_saelens_evals_run_on_every_rank_during_expert_parallel_training(
     assert list((tmp_path / "wandb").rglob("*.wandb"))  # rank 0 logged them
 
 
+WHITENED: dict[str, Any] = {
+    "sae": RUN_SAE | {"normalize_activations": "covariance_whitening"},
+    "n_batches_for_norm_estimate": 2,
+    "checkpoint_path": None,
+}
+
+
+def _whitened_run(parallel: Parallel, out: Path) -> None:
+    torch.manual_seed(0)
+    cfg = runner_config(
+        out,
+        train_batch_size_tokens=WORLD * BATCH_TOKENS,
+        training_tokens=4 * WORLD * BATCH_TOKENS,
+        **WHITENED,
+    )
+    _run_tiny(cfg, parallel)
+
+
+@pytest.mark.parametrize("expert_parallel", [False, True], ids=["dp", "ep"])
+def test_covariance_whitening_on_two_processes_trains_the_one_process_sae(
+    expert_parallel: bool, tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    LanguageModelSAETrainingRunner(
+        runner_config(
+            tmp_path / "single",
+            train_batch_size_tokens=WORLD * BATCH_TOKENS,
+            training_tokens=4 * WORLD * BATCH_TOKENS,
+            n_batches_in_buffer=WORLD * PROMPTS,  # holds one global batch
+            **WHITENED,
+        ),
+        override_dataset=build_token_dataset(n_rows=512, context_size=CONTEXT),
+        override_model=build_tiny_gpt2(),
+    ).run()
+    codes = launch(_whitened_run, tmp_path / "two", expert_parallel=expert_parallel)
+    assert codes == [0, 0], error_of(tmp_path / "two", 0)
+    differences = _relative_difference(
+        tmp_path / "two" / "output", tmp_path / "single" / "output"
+    )
+    assert max(differences.values()) < 1e-4, differences
+    cfg = json.loads((tmp_path / "two" / "output" / "cfg.json").read_text())
+    assert cfg["normalize_activations"] == "none"  # folded into the weights
+
+
 # ------------------------------- no process ever builds a whole-dictionary tensor
 
 BIG_SAE: dict[str, Any] = {"d_sae": 32768, "n_experts": 128, "k": 8}
@@ -913,6 +959,7 @@ def test_each_rank_reads_every_second_row_of_map_and_streamed_datasets() -> None
         ({"train_batch_size_tokens": 127}, {}, False, "train_batch_size_tokens"),
         ({}, {"n_experts": 3, "d_sae": 63}, True, "n_experts must be divisible"),
         ({"use_cached_activations": True}, {}, False, "use_cached_activations"),
+        ({"use_cached_activations": True}, {}, True, "use_cached_activations"),
     ],
 )
 def test_settings_several_processes_cannot_train_are_refused_by_name(
