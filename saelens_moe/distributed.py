@@ -137,17 +137,18 @@ def check_parallel_config(
             f"n_experts must be divisible by the number of processes {world} for "
             f"expert_parallel, got {cfg.sae.n_experts}"
         )
-    unsupported = {"use_cached_activations": cfg.use_cached_activations}
-    for setting, used in unsupported.items():
-        if used:
-            raise ValueError(f"{setting} is not supported on several processes yet")
 
 
 def read_own_share(store: ActivationsStore, parallel: Parallel) -> None:
-    """Make the store read every P-th row from row `rank`, 1/P of each batch."""
+    """Make the store read every P-th row from row `rank`, 1/P of each batch (rows
+    of the dataset, and of the cached activations when training from a cache)."""
     store.train_batch_size_tokens //= parallel.world_size
-    store.dataset = _rows_of_rank(store.dataset, parallel)
-    store.iterable_sequences = store._iterate_tokenized_sequences()
+    if store.cached_activation_dataset is not None:
+        cached = _rows_of_rank(store.cached_activation_dataset, parallel)
+        store.cached_activation_dataset = cached
+    if store.dataset is not None:
+        store.dataset = _rows_of_rank(store.dataset, parallel)
+        store.iterable_sequences = store._iterate_tokenized_sequences()
 
 
 def _rows_of_rank(dataset: Any, parallel: Parallel) -> Any:

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from datasets import Dataset, IterableDataset
+from datasets import Array2D, Dataset, Features, IterableDataset
 from sae_lens import SAE, LanguageModelSAETrainingRunner, LoggingConfig
 from sae_lens.evals import EvalConfig, run_evals
 from sae_lens.saes.sae import TrainStepInput
@@ -689,6 +689,58 @@ def test_covariance_whitening_on_two_processes_trains_the_one_process_sae(
     assert cfg["normalize_activations"] == "none"  # folded into the weights
 
 
+def _write_activation_cache(path: Path) -> None:
+    """The tiny model's hook activations for 256 rows, as SAELens's cache stores them."""
+    model = build_tiny_gpt2()
+    tokens = torch.tensor(
+        build_token_dataset(n_rows=256, context_size=CONTEXT)["tokens"]
+    )
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=HOOK)
+    shape = (CONTEXT, TINY_D_MODEL)
+    features = Features({HOOK: Array2D(shape=shape, dtype="float32")})
+    Dataset.from_dict({HOOK: cache[HOOK].numpy()}, features=features).save_to_disk(
+        str(path)
+    )
+
+
+def _cached_config(out: Path, **overrides: Any) -> Any:
+    return runner_config(
+        out,
+        sae=RUN_SAE,
+        train_batch_size_tokens=WORLD * BATCH_TOKENS,
+        training_tokens=4 * WORLD * BATCH_TOKENS,
+        use_cached_activations=True,
+        cached_activations_path=str(out.parent / "cache"),
+        checkpoint_path=None,
+        **overrides,
+    )
+
+
+def _cached_run(parallel: Parallel, out: Path) -> None:
+    torch.manual_seed(0)
+    _run_tiny(_cached_config(out), parallel)
+
+
+@pytest.mark.parametrize("expert_parallel", [False, True], ids=["dp", "ep"])
+def test_cached_activations_on_two_processes_train_the_one_process_sae(
+    expert_parallel: bool, tmp_path: Path
+) -> None:
+    _write_activation_cache(tmp_path / "cache")
+    torch.manual_seed(0)
+    LanguageModelSAETrainingRunner(
+        _cached_config(tmp_path / "single", n_batches_in_buffer=WORLD * PROMPTS),
+        override_dataset=build_token_dataset(n_rows=512, context_size=CONTEXT),
+        override_model=build_tiny_gpt2(),
+    ).run()
+    codes = launch(_cached_run, tmp_path / "two", expert_parallel=expert_parallel)
+    assert codes == [0, 0], error_of(tmp_path / "two", 0)
+    differences = _relative_difference(
+        tmp_path / "two" / "output", tmp_path / "single" / "output"
+    )
+    assert max(differences.values()) < 1e-4, differences
+
+
 # ------------------------------- no process ever builds a whole-dictionary tensor
 
 BIG_SAE: dict[str, Any] = {"d_sae": 32768, "n_experts": 128, "k": 8}
@@ -958,8 +1010,6 @@ def test_each_rank_reads_every_second_row_of_map_and_streamed_datasets() -> None
     [
         ({"train_batch_size_tokens": 127}, {}, False, "train_batch_size_tokens"),
         ({}, {"n_experts": 3, "d_sae": 63}, True, "n_experts must be divisible"),
-        ({"use_cached_activations": True}, {}, False, "use_cached_activations"),
-        ({"use_cached_activations": True}, {}, True, "use_cached_activations"),
     ],
 )
 def test_settings_several_processes_cannot_train_are_refused_by_name(
