@@ -65,6 +65,7 @@ from saelens_moe.sharded import (
     ShardError,
     check_shard,
     export_checkpoint,
+    is_sharded,
     load_shard,
     mark_complete,
     remove_shards,
@@ -136,6 +137,13 @@ def check_parallel_config(
         raise ValueError(
             f"n_experts must be divisible by the number of processes {world} for "
             f"expert_parallel, got {cfg.sae.n_experts}"
+        )
+    resume = cfg.resume_from_checkpoint
+    if resume is not None and not parallel.expert_parallel and is_sharded(Path(resume)):
+        raise ValueError(
+            f"resume_from_checkpoint {resume} was written with expert_parallel: "
+            "resume with --expert_parallel, or export it (python -m "
+            "saelens_moe.sharded) and start from the export"
         )
 
 

@@ -1024,6 +1024,16 @@ def test_settings_several_processes_cannot_train_are_refused_by_name(
         check_parallel_config(cfg, Parallel(0, WORLD, expert_parallel))
 
 
+def test_a_sharded_checkpoint_is_refused_without_expert_parallel(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "ckpt" / SHARDS_FOLDER).mkdir(parents=True)
+    cfg = runner_config(tmp_path, resume_from_checkpoint=str(tmp_path / "ckpt"))
+    with pytest.raises(ValueError, match="was written with expert_parallel"):
+        check_parallel_config(cfg, Parallel(0, WORLD, expert_parallel=False))
+    check_parallel_config(cfg, Parallel(0, WORLD, expert_parallel=True))
+
+
 def test_the_training_command_takes_the_distributed_flags() -> None:
     extra, rest = split_args(
         ["--expert_parallel", "--collective_timeout_s", "30", "--k", "8"]
