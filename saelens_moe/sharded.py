@@ -42,7 +42,6 @@ from saelens_moe.safetensors_stream import BlockWriter, SliceReader, read_header
 
 SHARDS_FOLDER = "expert_shards"
 COMPLETE_MARKER = "checkpoint_complete.json"
-INFERENCE_PARAMETERS = ("W_enc", "b_enc", "W_dec", "b_dec", "W_router", "b_router")
 
 
 class ShardError(ValueError):
