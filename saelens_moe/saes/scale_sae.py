@@ -308,7 +308,8 @@ class ScaleTrainingSAE(TrainingSAE[ScaleTrainingSAEConfig]):
     """Set by `saelens_moe.distributed` when several processes train this SAE."""
     steps_since_fired: torch.Tensor | None = None
     """Training steps since each latent last fired, when `dead_latent_window` is set;
-    made at the first step, not saved (a resumed run counts afresh). [d_sae]"""
+    made at the first step. Multi-process checkpoints (`saelens_moe.distributed`)
+    save it; a one-process SAELens resume counts afresh. [d_sae]"""
 
     init_seed: int = 0
     """The seed every expert's initial weights derive from (`init_own_weights`)."""
@@ -660,7 +661,7 @@ def _init_expert_weights(
         W_router = _uniform((cfg.d_in, cfg.n_experts), bound, seed, 0, device)
         W_router = W_router.to(dtype)
     sae.W_dec = nn.Parameter(W_dec)
-    sae.W_enc = nn.Parameter(W_dec.T.clone().contiguous())
+    sae.W_enc = nn.Parameter(W_dec.T.contiguous())  # one copy of this share
     sae.b_enc = nn.Parameter(torch.zeros(n_own, dtype=dtype, device=device))
     sae.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype, device=device))
     sae.W_router = nn.Parameter(W_router)
