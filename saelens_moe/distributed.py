@@ -225,8 +225,7 @@ class DistributedSAETrainer(SAETrainer[Any, Any]):
     @override
     def fit(self) -> TrainingSAE[Any]:
         try:
-            self._estimate_scaling_factor_over_processes()
-            self._estimate_whitening_over_processes()
+            self._estimate_normalisation_over_processes()
             return super().fit()
         except NonFiniteLossError:
             raise  # already names the rank whose loss it was
@@ -418,41 +417,18 @@ class DistributedSAETrainer(SAETrainer[Any, Any]):
             (sharded if name in sharded_names else replicated).append(parameter.grad)
         return replicated, sharded
 
-    def _estimate_whitening_over_processes(self) -> None:
-        """`covariance_whitening`'s statistics, from every process's batches: each
-        process estimates them from the same gathered batches, so all whiten alike."""
-        scaler = self.activation_scaler
-        if (
-            self.sae.cfg.normalize_activations != "covariance_whitening"
-            or scaler.whitening is not None
-        ):
-            return
-        scaler.estimate_whitening(
-            d_in=self.sae.cfg.d_in,
-            data_provider=_gathered_batches(self.data_provider, self.parallel),
-            n_batches_for_norm_estimate=self.cfg.n_batches_for_norm_estimate,
-        )
-
-    def _estimate_scaling_factor_over_processes(self) -> None:
-        """`expected_average_only_in`'s factor, estimated on every process's data."""
-        scaler = self.activation_scaler
-        if (
-            self.sae.cfg.normalize_activations != "expected_average_only_in"
-            or scaler.scaling_factor is not None
-        ):
-            return
-        scaler.estimate_scaling_factor(
-            d_in=self.sae.cfg.d_in,
-            data_provider=self.data_provider,
-            n_batches_for_norm_estimate=self.cfg.n_batches_for_norm_estimate,
-        )
-        # the factor is sqrt(d_in) / mean norm: average the mean norms
-        assert scaler.scaling_factor is not None
-        mean_norm = torch.tensor([self.sae.cfg.d_in**0.5 / scaler.scaling_factor])
-        mean_norm = self.parallel.sum(mean_norm.to(self.sae.device)).cpu()
-        scaler.scaling_factor = float(
-            self.sae.cfg.d_in**0.5 / (mean_norm.item() / self.parallel.world_size)
-        )
+    def _estimate_normalisation_over_processes(self) -> None:
+        """SAELens's activation scaling factor or whitening, estimated as in one
+        process: every process reads the same batches, gathered from all of them,
+        so all normalise alike."""
+        scaler, d_in = self.activation_scaler, self.sae.cfg.d_in
+        normalize = self.sae.cfg.normalize_activations
+        batches = _gathered_batches(self.data_provider, self.parallel)
+        n_batches = self.cfg.n_batches_for_norm_estimate
+        if normalize == "expected_average_only_in" and scaler.scaling_factor is None:
+            scaler.estimate_scaling_factor(d_in, batches, n_batches)
+        elif normalize == "covariance_whitening" and scaler.whitening is None:
+            scaler.estimate_whitening(d_in, batches, n_batches)
 
 
 def _squared_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:

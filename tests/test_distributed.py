@@ -645,46 +645,89 @@ def test_saelens_evals_run_on_every_rank_during_expert_parallel_training(
     assert list((tmp_path / "wandb").rglob("*.wandb"))  # rank 0 logged them
 
 
-WHITENED: dict[str, Any] = {
-    "sae": RUN_SAE | {"normalize_activations": "covariance_whitening"},
-    "n_batches_for_norm_estimate": 2,
-    "checkpoint_path": None,
-}
+def _global_batches_config(out: Path, **fields: Any) -> Any:
+    """4 steps of a global batch of WORLD LLM batches, no checkpoints."""
+    return runner_config(
+        out,
+        train_batch_size_tokens=WORLD * BATCH_TOKENS,
+        training_tokens=4 * WORLD * BATCH_TOKENS,
+        checkpoint_path=None,
+        **fields,
+    )
+
+
+def _normalised_fields(normalize: str) -> dict[str, Any]:
+    return {
+        "sae": RUN_SAE | {"normalize_activations": normalize},
+        "n_batches_for_norm_estimate": 2,
+    }
+
+
+def _cached_fields(out: Path) -> dict[str, Any]:
+    return {
+        "sae": RUN_SAE,
+        "use_cached_activations": True,
+        "cached_activations_path": str(out.parent / "cache"),
+    }
 
 
 def _whitened_run(parallel: Parallel, out: Path) -> None:
     torch.manual_seed(0)
-    cfg = runner_config(
-        out,
-        train_batch_size_tokens=WORLD * BATCH_TOKENS,
-        training_tokens=4 * WORLD * BATCH_TOKENS,
-        **WHITENED,
-    )
-    _run_tiny(cfg, parallel)
+    fields = _normalised_fields("covariance_whitening")
+    _run_tiny(_global_batches_config(out, **fields), parallel)
 
 
-@pytest.mark.parametrize("expert_parallel", [False, True], ids=["dp", "ep"])
-def test_covariance_whitening_on_two_processes_trains_the_one_process_sae(
-    expert_parallel: bool, tmp_path: Path
-) -> None:
+def _scaled_run(parallel: Parallel, out: Path) -> None:
     torch.manual_seed(0)
+    fields = _normalised_fields("expected_average_only_in")
+    _run_tiny(_global_batches_config(out, **fields), parallel)
+
+
+def _cached_run(parallel: Parallel, out: Path) -> None:
+    torch.manual_seed(0)
+    _run_tiny(_global_batches_config(out, **_cached_fields(out)), parallel)
+
+
+def _assert_two_processes_train_the_one_process_sae(
+    tmp_path: Path, worker: Worker, expert_parallel: bool, **fields: Any
+) -> None:
+    """`worker` on two processes saves the SAE one process trains with `fields`."""
+    torch.manual_seed(0)
+    single = _global_batches_config(
+        tmp_path / "single",
+        n_batches_in_buffer=WORLD * PROMPTS,  # holds one global batch
+        **fields,
+    )
     LanguageModelSAETrainingRunner(
-        runner_config(
-            tmp_path / "single",
-            train_batch_size_tokens=WORLD * BATCH_TOKENS,
-            training_tokens=4 * WORLD * BATCH_TOKENS,
-            n_batches_in_buffer=WORLD * PROMPTS,  # holds one global batch
-            **WHITENED,
-        ),
+        single,
         override_dataset=build_token_dataset(n_rows=512, context_size=CONTEXT),
         override_model=build_tiny_gpt2(),
     ).run()
-    codes = launch(_whitened_run, tmp_path / "two", expert_parallel=expert_parallel)
+    codes = launch(worker, tmp_path / "two", expert_parallel=expert_parallel)
     assert codes == [0, 0], error_of(tmp_path / "two", 0)
     differences = _relative_difference(
         tmp_path / "two" / "output", tmp_path / "single" / "output"
     )
     assert max(differences.values()) < 1e-4, differences
+
+
+NORMALISED_RUNS: dict[str, Worker] = {
+    "covariance_whitening": _whitened_run,
+    "expected_average_only_in": _scaled_run,
+}
+
+
+@pytest.mark.parametrize("normalize", list(NORMALISED_RUNS))
+@pytest.mark.parametrize("expert_parallel", [False, True], ids=["dp", "ep"])
+def test_normalised_activations_on_two_processes_train_the_one_process_sae(
+    normalize: str, expert_parallel: bool, tmp_path: Path
+) -> None:
+    _assert_two_processes_train_the_one_process_sae(
+        tmp_path,
+        NORMALISED_RUNS[normalize],
+        expert_parallel,
+        **_normalised_fields(normalize),
+    )
     cfg = json.loads((tmp_path / "two" / "output" / "cfg.json").read_text())
     assert cfg["normalize_activations"] == "none"  # folded into the weights
 
@@ -704,41 +747,17 @@ def _write_activation_cache(path: Path) -> None:
     )
 
 
-def _cached_config(out: Path, **overrides: Any) -> Any:
-    return runner_config(
-        out,
-        sae=RUN_SAE,
-        train_batch_size_tokens=WORLD * BATCH_TOKENS,
-        training_tokens=4 * WORLD * BATCH_TOKENS,
-        use_cached_activations=True,
-        cached_activations_path=str(out.parent / "cache"),
-        checkpoint_path=None,
-        **overrides,
-    )
-
-
-def _cached_run(parallel: Parallel, out: Path) -> None:
-    torch.manual_seed(0)
-    _run_tiny(_cached_config(out), parallel)
-
-
 @pytest.mark.parametrize("expert_parallel", [False, True], ids=["dp", "ep"])
 def test_cached_activations_on_two_processes_train_the_one_process_sae(
     expert_parallel: bool, tmp_path: Path
 ) -> None:
     _write_activation_cache(tmp_path / "cache")
-    torch.manual_seed(0)
-    LanguageModelSAETrainingRunner(
-        _cached_config(tmp_path / "single", n_batches_in_buffer=WORLD * PROMPTS),
-        override_dataset=build_token_dataset(n_rows=512, context_size=CONTEXT),
-        override_model=build_tiny_gpt2(),
-    ).run()
-    codes = launch(_cached_run, tmp_path / "two", expert_parallel=expert_parallel)
-    assert codes == [0, 0], error_of(tmp_path / "two", 0)
-    differences = _relative_difference(
-        tmp_path / "two" / "output", tmp_path / "single" / "output"
+    _assert_two_processes_train_the_one_process_sae(
+        tmp_path,
+        _cached_run,
+        expert_parallel,
+        **_cached_fields(tmp_path / "single"),
     )
-    assert max(differences.values()) < 1e-4, differences
 
 
 # ------------------------------- no process ever builds a whole-dictionary tensor
