@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from datasets import Dataset, IterableDataset
 from datasets.distributed import split_dataset_by_node
-from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
+from sae_lens import LanguageModelSAERunnerConfig
 from sae_lens.config import HfDataset
 from sae_lens.constants import (
     RUNNER_CFG_FILENAME,
@@ -48,7 +48,6 @@ from sae_lens.constants import (
 from sae_lens.saes.sae import (
     TrainingSAE,
     TrainingSAEConfig,
-    TrainStepInput,
     TrainStepOutput,
 )
 from sae_lens.training.activations_store import ActivationsStore
@@ -59,8 +58,10 @@ from transformer_lens.hook_points import HookedRootModule
 from typing_extensions import override
 
 from saelens_moe.errors import NonFiniteLossError
+from saelens_moe.lazy_adam import LazyAdam, TouchedGradients, align_rows
 from saelens_moe.saes.parallel import EXPERT_PARAMETERS, Parallel
 from saelens_moe.saes.scale_sae import ScaleTrainingSAE
+from saelens_moe.saes.sparse_gradients import EXPERT_ROW_PARAMETERS, LatentRows
 from saelens_moe.sharded import (
     ShardError,
     check_shard,
@@ -74,11 +75,16 @@ from saelens_moe.sharded import (
     shard_folder,
     start_from_folder,
 )
+from saelens_moe.trainer import (
+    MoESAETrainer,
+    MoESAETrainingRunner,
+    scale_to_norm,
+    touched_rows,
+)
 
 DEFAULT_TIMEOUT_S = 600.0
 """How long a collective waits for the other processes before the job fails."""
 ARCHITECTURES = ("scale", "switch")
-MAX_GRAD_NORM = 1.0  # SAELens's trainer clips at 1.0 too
 STEPS_SINCE_FIRED_FILENAME = "steps_since_fired.safetensors"
 
 
@@ -215,7 +221,7 @@ def expert_parameters(sae: nn.Module, parallel: Parallel) -> set[str]:
     return {name for name, _ in sae.named_parameters() if name in EXPERT_PARAMETERS}
 
 
-class DistributedSAETrainer(SAETrainer[Any, Any]):
+class DistributedSAETrainer(MoESAETrainer):
     """SAELens's trainer with gradients, statistics and saving shared by processes."""
 
     def __init__(self, parallel: Parallel, **trainer_args: Any) -> None:
@@ -239,32 +245,6 @@ class DistributedSAETrainer(SAETrainer[Any, Any]):
         batch = batch.to(self.sae.device)
         self.n_training_samples += batch.shape[0] * self.parallel.world_size
         return self._train_step(sae=self.sae, sae_in=self.activation_scaler(batch))
-
-    @override
-    def _train_step(
-        self, sae: TrainingSAE[Any], sae_in: torch.Tensor
-    ) -> TrainStepOutput:
-        sae.train()
-        with self.autocast_if_enabled:
-            output = sae.training_forward_pass(
-                step_input=TrainStepInput(
-                    sae_in=sae_in,
-                    dead_neuron_mask=self.dead_neurons,
-                    coefficients=self.get_coefficients(),
-                    n_training_steps=self.n_training_steps,
-                    is_logging_step=self._is_logging_step(),
-                )
-            )
-            self._count_firing(output.feature_acts)
-        output.loss.backward()
-        self._average_gradients()
-        self._clip_gradients()
-        self.optimizer.step()
-        self.optimizer.zero_grad()
-        self.lr_scheduler.step()
-        for scheduler in self.coefficient_schedulers.values():
-            scheduler.step()
-        return output
 
     @override
     def save_checkpoint(
@@ -364,16 +344,12 @@ class DistributedSAETrainer(SAETrainer[Any, Any]):
         finally:
             self.evaluator = evaluator
 
-    @torch.no_grad()
-    def _count_firing(self, feature_acts: torch.Tensor) -> None:
-        """SAELens's dead-latent and firing-rate statistics, over every process."""
-        fired = feature_acts.bool().float().sum(dim=0)
-        fired = self.parallel.sum(fired.to_dense() if fired.is_sparse else fired)
-        self.n_forward_passes_since_fired += 1
-        self.n_forward_passes_since_fired.masked_fill_(fired > 0, 0)
-        self.act_freq_scores += fired
-        self.n_frac_active_samples += self.cfg.train_batch_size_samples
+    @override
+    def _firing_counts(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        """Tokens each latent fired on, over every process. [d_sae]"""
+        return self.parallel.sum(super()._firing_counts(feature_acts))
 
+    @override
     @torch.no_grad()
     def _average_gradients(self) -> None:
         """Gradients of the mean loss over all processes' tokens.
@@ -381,16 +357,21 @@ class DistributedSAETrainer(SAETrainer[Any, Any]):
         Each process's backward gives the gradient of the sum of all processes'
         losses for the weights it holds (expert parallelism carries the other
         processes' share back through all_to_all); replicated weights add theirs.
+        Lazy Adam's rows of replicated weights are summed on the union of every
+        process's touched latents.
         """
-        replicated, sharded = self._gradients()
-        flat = self.parallel.sum(torch.cat([grad.reshape(-1) for grad in replicated]))
-        for grad, summed in zip(
-            replicated, flat.split([grad.numel() for grad in replicated]), strict=True
-        ):
-            grad.copy_(summed.view_as(grad))
-        for grad in replicated + sharded:
+        optimizer = self.optimizer
+        if isinstance(optimizer, LazyAdam) and not self.parallel.expert_parallel:
+            assert optimizer.touched is not None, "gather() comes first"
+            optimizer.touched = _summed_over_processes(
+                optimizer.touched, self.sae.cfg.d_sae, self.parallel
+            )
+        replicated, sharded = self._dense_gradients()
+        _sum_in_place(replicated, self.parallel)
+        for grad in replicated + sharded + touched_rows(optimizer):
             grad.div_(self.parallel.world_size)
 
+    @override
     @torch.no_grad()
     def _clip_gradients(self) -> None:
         """SAELens's clipping at norm 1, by the norm of the whole model's gradient."""
@@ -401,17 +382,28 @@ class DistributedSAETrainer(SAETrainer[Any, Any]):
         )
         if sharded:
             squares[1:] = self.parallel.sum(squares[1:].clone())
-        torch.nn.utils.clip_grads_with_norm_(
-            self.sae.parameters(), MAX_GRAD_NORM, squares.sum().sqrt()
-        )
+        scale_to_norm(replicated + sharded, squares.sum().sqrt())
 
     def _gradients(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Gradients of the replicated and of the expert-sharded parameters, in a
-        fixed order (a parameter that got none gets zeros, as on the others)."""
+        """`_dense_gradients`, with lazy Adam's rows among the sharded (expert
+        parallel) or the replicated ones."""
+        replicated, sharded = self._dense_gradients()
+        rows = touched_rows(self.optimizer)
+        if self.parallel.expert_parallel:
+            return replicated, sharded + rows
+        return replicated + rows, sharded
+
+    def _dense_gradients(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Dense gradients of the replicated and of the expert-sharded parameters,
+        in a fixed order (a parameter that got none gets zeros, as on the others);
+        lazy Adam's expert weights have rows instead."""
         sharded_names = expert_parameters(self.sae, self.parallel)
+        lazy = EXPERT_ROW_PARAMETERS if isinstance(self.optimizer, LazyAdam) else ()
         replicated: list[torch.Tensor] = []
         sharded: list[torch.Tensor] = []
         for name, parameter in self.sae.named_parameters():
+            if name in lazy:
+                continue
             if parameter.grad is None:
                 parameter.grad = torch.zeros_like(parameter)
             (sharded if name in sharded_names else replicated).append(parameter.grad)
@@ -429,6 +421,30 @@ class DistributedSAETrainer(SAETrainer[Any, Any]):
             scaler.estimate_scaling_factor(d_in, batches, n_batches)
         elif normalize == "covariance_whitening" and scaler.whitening is None:
             scaler.estimate_whitening(d_in, batches, n_batches)
+
+
+def _sum_in_place(grads: list[torch.Tensor], parallel: Parallel) -> None:
+    """Each of `grads` summed over processes, with one all_reduce."""
+    flat = parallel.sum(torch.cat([grad.reshape(-1) for grad in grads]))
+    for grad, summed in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+        grad.copy_(summed.view_as(grad))
+
+
+def _summed_over_processes(
+    touched: TouchedGradients, n_latents: int, parallel: Parallel
+) -> TouchedGradients:
+    """Lazy Adam's rows summed over processes, on the union of their latents."""
+    is_touched = touched.latents.new_zeros(n_latents, dtype=torch.float32)
+    is_touched[touched.latents] = 1.0
+    union = parallel.sum(is_touched).nonzero().squeeze(1)
+    union_rows = align_rows(
+        [LatentRows(touched.latents, rows) for rows in touched.rows],
+        [rows.shape[1:] for rows in touched.rows],
+        touched.rows[0],
+        union,
+    ).rows
+    _sum_in_place(union_rows, parallel)
+    return TouchedGradients(union, union_rows)
 
 
 def _squared_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -489,8 +505,11 @@ def _numeric_leaves(
     return leaves
 
 
-class DistributedSAETrainingRunner(LanguageModelSAETrainingRunner):
-    """SAELens's runner for one process of a multi-process training job."""
+class DistributedSAETrainingRunner(MoESAETrainingRunner):
+    """SAELens's runner for one process of a multi-process training job.
+
+    `lazy_adam` and `fused_adam` are `MoESAETrainer`'s.
+    """
 
     def __init__(
         self,
@@ -498,6 +517,8 @@ class DistributedSAETrainingRunner(LanguageModelSAETrainingRunner):
         parallel: Parallel,
         override_dataset: HfDataset | None = None,
         override_model: HookedRootModule | None = None,
+        lazy_adam: bool = False,
+        fused_adam: bool = True,
     ) -> None:
         check_parallel_config(cfg, parallel)
         if parallel.rank != 0:  # one progress bar and one wandb run, rank 0's
@@ -520,6 +541,8 @@ class DistributedSAETrainingRunner(LanguageModelSAETrainingRunner):
                 start_from_folder(override_sae, cfg.from_pretrained_path, parallel)
         super().__init__(
             cfg,
+            lazy_adam,
+            fused_adam,
             override_dataset=override_dataset,
             override_model=override_model,
             override_sae=override_sae,
@@ -530,23 +553,26 @@ class DistributedSAETrainingRunner(LanguageModelSAETrainingRunner):
             share_weights(self.sae, parallel)
 
     @override
-    def run_trainer_with_interruption_handling(
-        self, trainer: SAETrainer[Any, Any]
-    ) -> TrainingSAE[Any]:
-        distributed = DistributedSAETrainer(
+    def our_trainer(self, trainer: SAETrainer[Any, Any]) -> MoESAETrainer:
+        return DistributedSAETrainer(
             self.parallel,
+            lazy_adam=self.lazy_adam,
+            fused_adam=self.fused_adam,
             cfg=trainer.cfg,
             sae=trainer.sae,
             data_provider=trainer.data_provider,
             evaluator=trainer.evaluator,
             save_checkpoint_fn=trainer.save_checkpoint_fn,
         )
-        if self.sharded_resume is not None:
-            distributed.load_shard(self.sharded_resume)
-            self.activations_store.load_from_checkpoint(self.sharded_resume)
-        elif self.cfg.resume_from_checkpoint is not None:
-            distributed.load_trainer_state(self.cfg.resume_from_checkpoint)
-        return super().run_trainer_with_interruption_handling(distributed)
+
+    @override
+    def resume(self, trainer: MoESAETrainer) -> None:
+        if self.sharded_resume is None:
+            super().resume(trainer)
+            return
+        assert isinstance(trainer, DistributedSAETrainer)
+        trainer.load_shard(self.sharded_resume)
+        self.activations_store.load_from_checkpoint(self.sharded_resume)
 
     @override
     def save_final_sae(

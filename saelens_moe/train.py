@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
+from sae_lens import LanguageModelSAERunnerConfig
 from sae_lens.config import HfDataset
 from sae_lens.llm_sae_training_runner import _parse_cfg_args
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -25,11 +25,13 @@ from transformer_lens import HookedRootModule
 
 from saelens_moe import __version__  # importing saelens_moe registers the architectures
 from saelens_moe.distributed import (
+    ARCHITECTURES,
     DEFAULT_TIMEOUT_S,
     DistributedSAETrainingRunner,
     join_process_group,
 )
 from saelens_moe.hub import push_to_hub
+from saelens_moe.trainer import MoESAETrainingRunner
 
 HELP_FLAGS = ("-h", "--help")
 
@@ -47,6 +49,10 @@ class AddedArgs(NamedTuple):
     """Under torchrun, give each process N/P of the experts (else data parallel)."""
     collective_timeout_s: float = DEFAULT_TIMEOUT_S
     """Under torchrun, seconds a process waits for the others before failing."""
+    lazy_adam: bool = False
+    """Update expert weights only on the latents each step touched."""
+    fused_adam: bool = True
+    """PyTorch's fused Adam for the weights updated densely."""
 
 
 def _added_parser() -> argparse.ArgumentParser:
@@ -87,6 +93,18 @@ def _added_parser() -> argparse.ArgumentParser:
         help="under torchrun, seconds a process waits for the others before the "
         "job fails",
     )
+    parser.add_argument(
+        "--lazy_adam",
+        action="store_true",
+        help="update W_enc, W_dec and b_enc only on the latents each step touched "
+        "(saelens_moe.lazy_adam; scale and switch only)",
+    )
+    parser.add_argument(
+        "--no_fused_adam",
+        dest="fused_adam",
+        action="store_false",
+        help="PyTorch's per-tensor Adam, as SAELens, instead of its fused Adam",
+    )
     return parser
 
 
@@ -103,6 +121,8 @@ def split_args(argv: Sequence[str]) -> tuple[AddedArgs, list[str]]:
         known.push_private,
         known.expert_parallel,
         known.collective_timeout_s,
+        known.lazy_adam,
+        known.fused_adam,
     )
     return extra, rest
 
@@ -115,6 +135,11 @@ def parse_args(
     cfg = _parse_cfg_args(rest)
     if added.push is not None and cfg.output_path is None:
         raise ValueError("--push needs an --output_path to upload from")
+    architecture = cfg.sae.architecture()
+    if added.lazy_adam and architecture not in ARCHITECTURES:
+        raise ValueError(
+            f"--lazy_adam needs --architecture scale or switch, got {architecture!r}"
+        )
     return cfg, added
 
 
@@ -132,8 +157,12 @@ def run(
     cfg, added = parse_args(argv)
     parallel = join_process_group(added.expert_parallel, added.collective_timeout_s)
     if parallel is None:
-        runner = LanguageModelSAETrainingRunner(
-            cfg, override_dataset=override_dataset, override_model=override_model
+        runner = MoESAETrainingRunner(
+            cfg,
+            added.lazy_adam,
+            added.fused_adam,
+            override_dataset=override_dataset,
+            override_model=override_model,
         )
     else:
         runner = DistributedSAETrainingRunner(
@@ -141,6 +170,8 @@ def run(
             parallel,
             override_dataset=override_dataset,
             override_model=override_model,
+            lazy_adam=added.lazy_adam,
+            fused_adam=added.fused_adam,
         )
     runner.run()
     if cfg.output_path is None or (parallel is not None and parallel.rank != 0):

@@ -59,6 +59,7 @@ from saelens_moe.sharded import (
 )
 from saelens_moe.tiny import TINY_D_MODEL, build_tiny_gpt2, build_token_dataset
 from saelens_moe.train import run, split_args
+from saelens_moe.trainer import MoESAETrainer
 from tests.reliability_runs import (
     BATCH_TOKENS,
     CONTEXT,
@@ -230,6 +231,62 @@ def test_data_parallel_steps_on_half_batches_equal_one_process_on_whole_batches(
     # AuxK ran on latents found dead over both processes' tokens
     assert max(aux_losses) > 0
     torch.testing.assert_close(ranks[1]["dead"], trainer.n_forward_passes_since_fired)
+
+
+LAZY_FIELDS = DP_FIELDS | {"dead_latent_window": 1}  # AuxK rows too
+
+
+def _lazy_worker(parallel: Parallel, out: Path) -> None:
+    torch.manual_seed(0)  # as _training_sae
+    cfg = ScaleTrainingSAEConfig(**(SAE_FIELDS | LAZY_FIELDS))
+    if parallel.expert_parallel:
+        sae = new_expert_shard(cfg, parallel)
+    else:
+        sae = _training_sae(**LAZY_FIELDS)
+        share_weights(sae, parallel)
+    halves = [batch.chunk(WORLD)[parallel.rank] for batch in _dp_batches()]
+    trainer = DistributedSAETrainer(
+        parallel,
+        lazy_adam=True,
+        cfg=runner_config(out, n_steps=DP_STEPS).to_sae_trainer_config(),
+        sae=sae,
+        data_provider=iter(halves),
+    )
+    for half in halves:
+        trainer.step(half)
+        trainer.n_training_steps += 1
+    weights = {name: p.detach().contiguous() for name, p in sae.named_parameters()}
+    torch.save(weights, out / f"rank{parallel.rank}.pt")
+
+
+@pytest.mark.parametrize("expert_parallel", [False, True])
+def test_lazy_adam_on_two_processes_trains_the_one_process_sae(
+    expert_parallel: bool, tmp_path: Path
+) -> None:
+    out = tmp_path / "runs"
+    codes = launch(_lazy_worker, out, expert_parallel=expert_parallel)
+    assert codes == [0, 0], error_of(out, 0)
+    sae = _training_sae(**LAZY_FIELDS)
+    batches = _dp_batches()
+    trainer = MoESAETrainer(
+        lazy_adam=True,
+        cfg=runner_config(tmp_path, n_steps=DP_STEPS).to_sae_trainer_config(),
+        sae=sae,
+        data_provider=iter(batches),
+    )
+    for batch in batches:
+        trainer.step(batch)
+        trainer.n_training_steps += 1
+    cfg = sae.cfg
+    for rank in range(WORLD):
+        weights = torch.load(out / f"rank{rank}.pt")
+        own = expert_slice(Parallel(rank, WORLD, True), cfg.n_experts, 1)
+        for name, expected in sae.named_parameters():
+            if expert_parallel and name in EXPERT_PARAMETERS:
+                per_block = 1 if name == "omega" else cfg.d_sae // cfg.n_experts
+                latents = slice(own.start * per_block, own.stop * per_block)
+                expected = expected[:, latents] if name == "W_enc" else expected[latents]
+            torch.testing.assert_close(weights[name], expected.detach(), msg=name)
 
 
 # ---------------------------------------------------------------- expert parallel

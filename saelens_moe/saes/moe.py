@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Literal, NamedTuple, get_args
 
 import torch
 
+from saelens_moe.saes.sparse_gradients import SparseExpertGradients
+
 if TYPE_CHECKING:
     from saelens_moe.saes.scale_sae import ScaleSAE, ScaleTrainingSAE
 
@@ -70,6 +72,8 @@ class Decoder(NamedTuple):
     """W_dec, to read the kept rows from. [d_sae, d_in]"""
     norms: torch.Tensor | None
     """||W_dec[j]|| when rows act as unit directions, else None. [d_sae]"""
+    gradients: SparseExpertGradients | None = None
+    """Where W_dec's gradient goes as rows (`weight` is then detached), or None."""
 
 
 class DenseOutput(NamedTuple):
@@ -237,15 +241,26 @@ def selected_expert_matmuls(
     experts: torch.Tensor,  # [tokens, e]
     W_enc: torch.Tensor,  # [d_in, d_sae]
     n_experts: int,
+    gradients: SparseExpertGradients | None = None,
 ) -> torch.Tensor:
-    """W_i (x - b_dec) of each selected expert: all experts computed, then picked. [tokens, e, m]"""
+    """W_i (x - b_dec) of each selected expert: all experts computed, then picked. [tokens, e, m]
+
+    W_enc's gradient stays dense here (`gradients` is not used).
+    """
+    del gradients
     block_size = W_enc.shape[1] // n_experts
     all_blocks = (sae_in @ W_enc).view(sae_in.shape[0], n_experts, block_size)
     return all_blocks.gather(1, experts[..., None].expand(-1, -1, block_size))
 
 
-def decoder_for(W_dec: torch.Tensor, rescale_acts_by_decoder_norm: bool) -> Decoder:
-    """W_dec with its row norms if rows act as unit directions."""
+def decoder_for(
+    W_dec: torch.Tensor,
+    rescale_acts_by_decoder_norm: bool,
+    gradients: SparseExpertGradients | None = None,
+) -> Decoder:
+    """W_dec with its row norms if rows act as unit directions (its gradient dense:
+    `gradients` is not used)."""
+    del gradients
     return Decoder(W_dec, W_dec.norm(dim=-1) if rescale_acts_by_decoder_norm else None)
 
 

@@ -62,6 +62,7 @@ from saelens_moe.saes.parallel import (
     decode_at_owners,
     expert_slice,
 )
+from saelens_moe.saes.sparse_gradients import SparseExpertGradients
 from saelens_moe.saes.sparse_latents import (
     candidate_latents,
     scatter_to_dense,
@@ -143,6 +144,8 @@ class ScaleSAE(SAE[ScaleSAEConfig]):
     parallel: Parallel | None = None
     """Set by `saelens_moe.sharded.load_own_experts` when each process holds a share
     of the experts; None in one process."""
+    sparse_gradients: SparseExpertGradients | None = None
+    """Always None here: inference SAEs are not trained."""
 
     init_seed: int = 0
     """The seed every expert's initial weights derive from (`init_own_weights`)."""
@@ -306,6 +309,9 @@ class ScaleTrainingSAE(TrainingSAE[ScaleTrainingSAEConfig]):
     W_lowpass: nn.Parameter
     parallel: Parallel | None = None
     """Set by `saelens_moe.distributed` when several processes train this SAE."""
+    sparse_gradients: SparseExpertGradients | None = None
+    """Set by `saelens_moe.lazy_adam.LazyAdam`: W_enc's, W_dec's and b_enc's
+    gradients then arrive there as rows of the latents each step touched."""
     steps_since_fired: torch.Tensor | None = None
     """Training steps since each latent last fired, when `dead_latent_window` is set;
     made at the first step. Multi-process checkpoints (`saelens_moe.distributed`)
@@ -557,6 +563,11 @@ class ScaleTrainingSAE(TrainingSAE[ScaleTrainingSAEConfig]):
         check_state_dict(self.state_dict(), state_dict)
 
     @override
+    def process_state_dict_for_saving(self, state_dict: dict[str, Any]) -> None:
+        super().process_state_dict_for_saving(state_dict)
+        _make_contiguous(state_dict)
+
+    @override
     def process_state_dict_for_saving_inference(
         self, state_dict: dict[str, Any]
     ) -> None:
@@ -576,6 +587,7 @@ class ScaleTrainingSAE(TrainingSAE[ScaleTrainingSAEConfig]):
                 b_enc=state_dict["b_enc"],
                 W_dec=state_dict["W_dec"],
             )
+        _make_contiguous(state_dict)
 
 
 AnyScaleSAE = ScaleSAE | ScaleTrainingSAE
@@ -691,7 +703,9 @@ def _routed_encoding(
         flat_in, sae.W_router, sae.b_router, cfg.n_active_experts, cfg.expert_weighting
     )
     experts = routing.experts  # [tokens, e]
-    decoder = COMPUTE.decoder_for(sae.W_dec, cfg.rescale_acts_by_decoder_norm)
+    decoder = COMPUTE.decoder_for(
+        sae.W_dec, cfg.rescale_acts_by_decoder_norm, sae.sparse_gradients
+    )
     exchange = _plan_exchange(sae, experts)
     if exchange is None:
         pre, norms = _selected_expert_pre(
@@ -724,11 +738,19 @@ def _selected_expert_pre(
     n_experts: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Steps 3-4: the selected experts' pre-activations [tokens, e, m] and row norms."""
-    raw = COMPUTE.selected_expert_matmuls(flat_in, experts, sae.W_enc, n_experts)
+    gradients = sae.sparse_gradients
+    raw = COMPUTE.selected_expert_matmuls(
+        flat_in, experts, sae.W_enc, n_experts, gradients
+    )
     omega = anchor_dot = None
     if scaling is not None:
         omega = _per_selected_expert(scaling.omega, experts)  # [tokens, e]
-        anchors = feature_scaling_anchors(sae.W_enc, scaling, n_experts)
+        W_enc = sae.W_enc
+        if gradients is not None:
+            # the sparse step drops the gradient through each expert's mean column
+            # mu_i, which would reach every latent of the expert (benchmarks/README.md)
+            W_enc = W_enc.detach()
+        anchors = feature_scaling_anchors(W_enc, scaling, n_experts)
         anchor_dot = (flat_in @ anchors).gather(1, experts)  # [tokens, e]
     norms = None
     if decoder.norms is not None:
@@ -915,6 +937,12 @@ def _fold_checkpoint_feature_scaling(sae: ScaleSAE, state_dict: dict[str, Any]) 
     state_dict["W_enc"] = fold_feature_scaling(
         state_dict["W_enc"], scaling, cfg.n_experts
     )
+
+
+def _make_contiguous(state_dict: dict[str, Any]) -> None:
+    """safetensors saves contiguous tensors only; lazy Adam stores W_enc by latent."""
+    for name, tensor in state_dict.items():
+        state_dict[name] = tensor.contiguous()
 
 
 def _has_hooks(hook: HookPoint) -> bool:

@@ -51,7 +51,17 @@ def test_grouped_mm_takes_float32_bfloat16_and_float16_with_16_byte_rows() -> No
     assert not grouped_mm_handles(torch.empty(D_IN, 32, dtype=torch.float64), BLOCK)
     assert not grouped_mm_handles(torch.empty(10, 32), BLOCK)  # 40-byte rows
     assert not grouped_mm_handles(torch.empty(D_IN, 12), 6)  # 24-byte blocks
-    assert not grouped_mm_handles(torch.empty(32, D_IN).T, BLOCK)  # not contiguous
+    assert grouped_mm_handles(torch.empty(32, D_IN).T, BLOCK)  # stored by latent
+    assert not grouped_mm_handles(torch.empty(D_IN, 64)[:, ::2], BLOCK)  # strided
+
+
+def test_grouped_matmuls_take_an_encoder_stored_by_latent() -> None:
+    sae_in, experts, W_enc = problem(n_active=2)
+    by_latent = W_enc.t().contiguous().t()
+    torch.testing.assert_close(
+        selected_expert_matmuls(sae_in, experts, by_latent, N_EXPERTS),
+        per_expert_mm(sae_in, experts, W_enc),
+    )
 
 
 @pytest.mark.parametrize("n_active", [1, 2, 4])

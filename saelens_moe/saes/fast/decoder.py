@@ -1,5 +1,6 @@
 """Decoding the kept latents with one embedding bag, and W_dec's gradient written once."""
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -7,6 +8,13 @@ import torch.nn.functional as F
 
 from saelens_moe.saes.fast.autocast import autocast_disabled
 from saelens_moe.saes.moe import Decoder, SparseCode
+from saelens_moe.saes.sparse_gradients import (
+    LatentRows,
+    SparseExpertGradients,
+    collect_rows,
+    norms_with_rows,
+    weighted_row_sums,
+)
 
 
 class _DecoderWithNorms(torch.autograd.Function):
@@ -38,8 +46,20 @@ class _DecoderWithNorms(torch.autograd.Function):
         return grad_weight.addcmul_(W_dec, norm_term)
 
 
-def decoder_for(W_dec: torch.Tensor, rescale_acts_by_decoder_norm: bool) -> Decoder:
-    """`moe.decoder_for`, with W_dec's two gradient terms summed in place."""
+def decoder_for(
+    W_dec: torch.Tensor,
+    rescale_acts_by_decoder_norm: bool,
+    gradients: SparseExpertGradients | None = None,
+) -> Decoder:
+    """`moe.decoder_for`, with W_dec's two gradient terms summed in place.
+
+    With `gradients`, both terms go there as the rows of the latents they reach.
+    """
+    if gradients is not None:
+        norms = None
+        if rescale_acts_by_decoder_norm:
+            norms = norms_with_rows(W_dec, gradients)
+        return Decoder(W_dec.detach(), norms, gradients)
     if not rescale_acts_by_decoder_norm:
         return Decoder(W_dec, None)
     norms, weight = _DecoderWithNorms.apply(W_dec)
@@ -53,9 +73,26 @@ def decode_sparse(code: SparseCode, decoder: Decoder) -> torch.Tensor:
         weights = weights / decoder.norms[code.latents]
     weight = decoder.weight
     with autocast_disabled(weight.device.type):
-        return F.embedding_bag(
+        decoded = F.embedding_bag(
             code.latents,
             weight,
             per_sample_weights=weights.to(weight.dtype),
             mode="sum",
         )
+    if decoder.gradients is None:
+        return decoded
+    rows_of = partial(_decoder_rows, code.latents, weights.detach())
+    return collect_rows(decoded, decoder.gradients, "W_dec", rows_of)
+
+
+def _decoder_rows(
+    latents: torch.Tensor,  # [tokens, k]
+    weights: torch.Tensor,  # [tokens, k]: f / ||W_dec[j]|| (or f)
+    grad_out: torch.Tensor,  # [tokens, d_in]
+) -> LatentRows:
+    """W_dec's gradient rows of the decoded latents: sum of weight * grad_out over
+    the tokens that kept each (latents kept at 0 get no row). [latents, d_in]"""
+    tokens, slots = (weights != 0).nonzero(as_tuple=True)
+    return weighted_row_sums(
+        grad_out.float(), tokens, latents[tokens, slots], weights[tokens, slots]
+    )

@@ -19,7 +19,7 @@ which of these paths a device, dtype and GPU take; the SAE warns once
 """
 
 import warnings
-from functools import cache
+from functools import cache, partial
 from typing import Literal, get_args
 
 import torch
@@ -27,6 +27,12 @@ import torch.nn.functional as F
 
 from saelens_moe.saes import moe
 from saelens_moe.saes.fast.autocast import autocast_dtype
+from saelens_moe.saes.sparse_gradients import (
+    LatentRows,
+    SparseExpertGradients,
+    collect_rows,
+    weighted_row_sums,
+)
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _GROUPED_MM_DEVICES = ("cpu", "cuda")
@@ -98,8 +104,13 @@ def selected_expert_matmuls(
     experts: torch.Tensor,  # [tokens, e]
     W_enc: torch.Tensor,  # [d_in, d_sae]
     n_experts: int,
+    gradients: SparseExpertGradients | None = None,
 ) -> torch.Tensor:
-    """`moe.selected_expert_matmuls`, computing only the selected experts. [tokens, e, m]"""
+    """`moe.selected_expert_matmuls`, computing only the selected experts. [tokens, e, m]
+
+    With `gradients`, W_enc's gradient goes there as the columns of the latents
+    whose pre-activation received a gradient (on the grouped path).
+    """
     sae_in, W_enc = _in_compute_dtype(sae_in, W_enc)
     n_tokens, n_active = experts.shape
     block_size = W_enc.shape[1] // n_experts
@@ -112,10 +123,33 @@ def selected_expert_matmuls(
         pair_experts, torch.arange(n_experts, device=experts.device), right=True
     ).to(torch.int32)
     grouped_in = sae_in.index_select(0, pair_order // n_active)  # [pairs, d_in]
+    if gradients is not None:
+        W_enc = W_enc.detach()  # its gradient is collected as columns below
     blocks = W_enc.view(W_enc.shape[0], n_experts, block_size).permute(1, 0, 2)
     grouped_out = grouped_mm(grouped_in, blocks, group_ends)  # [pairs, m]
+    if gradients is not None:
+        grouped_out = collect_rows(
+            grouped_out,
+            gradients,
+            "W_enc",
+            partial(_encoder_columns, grouped_in.detach(), pair_experts, block_size),
+        )
     pair_out = torch.empty_like(grouped_out).index_copy(0, pair_order, grouped_out)
     return pair_out.view(n_tokens, n_active, block_size)
+
+
+def _encoder_columns(
+    grouped_in: torch.Tensor,  # [pairs, d_in]
+    pair_experts: torch.Tensor,  # [pairs]
+    block_size: int,
+    grad_out: torch.Tensor,  # [pairs, m]
+) -> LatentRows:
+    """W_enc's gradient columns, as rows, of the latents with a nonzero gradient in
+    `grad_out`: sum over their pairs of gradient * input. [latents, d_in]"""
+    pairs, within = grad_out.nonzero(as_tuple=True)
+    latents = pair_experts[pairs] * block_size + within
+    sources = grouped_in if grouped_in.dtype == torch.float32 else grouped_in.float()
+    return weighted_row_sums(sources, pairs, latents, grad_out[pairs, within])
 
 
 def grouped_mm_handles(W_enc: torch.Tensor, block_size: int) -> bool:
@@ -126,8 +160,12 @@ def grouped_mm_handles(W_enc: torch.Tensor, block_size: int) -> bool:
 
 
 def _is_aligned(W_enc: torch.Tensor, block_size: int, dtype: torch.dtype) -> bool:
-    """Contiguous, with rows and expert blocks a multiple of 16 bytes in `dtype`."""
+    """Rows and expert blocks a multiple of 16 bytes in `dtype`: contiguous, or
+    stored by latent (the transpose of a contiguous [d_sae, d_in], as
+    `saelens_moe.lazy_adam` keeps it)."""
     alignment = 16 // dtype.itemsize
+    if W_enc.t().is_contiguous():
+        return W_enc.shape[0] % alignment == 0
     return (
         W_enc.is_contiguous()
         and W_enc.shape[0] % alignment == 0

@@ -1,0 +1,275 @@
+"""Lazy Adam: a training step that writes only the latents the batch touched.
+
+A Top-K SAE's batch reaches few of a wide dictionary's latents (`saes.sparse_gradients`);
+dense Adam still zero-fills, reads and writes every weight, gradient and moment each
+step. `LazyAdam` updates W_enc's columns, W_dec's rows and b_enc's entries only for
+the latents whose gradient rows the step produced, the way embedding tables are
+trained (PyTorch's `SparseAdam`). Each latent keeps its own step count, so the moments
+and bias correction of an untouched latent wait until it is touched again; with every
+latent touched every step the update is dense Adam's. The other weights (router,
+b_dec, omega, W_lowpass) take PyTorch's Adam.
+
+Two approximations, both measured in `benchmarks/README.md` ("A step that writes only
+what the batch touched"): an untouched latent does not coast on its momentum as with
+dense Adam, and under Feature Scaling the gradient through each expert's mean column
+mu_i, which reaches every latent of the expert, is dropped (omega and W_lowpass keep
+their exact gradients).
+
+W_enc is stored by latent (the transpose of a contiguous [d_sae, d_in]), so a
+latent's column is one contiguous row, as W_dec's; its moments likewise.
+"""
+
+from typing import Any, NamedTuple
+
+import torch
+from torch.optim import Optimizer
+from torch.optim.adam import adam
+from typing_extensions import override
+
+from saelens_moe.saes.scale_sae import ScaleTrainingSAE
+from saelens_moe.saes.sparse_gradients import (
+    EXPERT_ROW_PARAMETERS,
+    LatentRows,
+    SparseExpertGradients,
+    sum_by_latent,
+)
+
+DENSE_GROUP, LATENT_GROUP = 0, 1
+
+
+class TouchedGradients(NamedTuple):
+    """One step's gradient of the expert weights, on the latents it touched."""
+
+    latents: torch.Tensor
+    """The touched latents, sorted. [n]"""
+    rows: list[torch.Tensor]
+    """Each expert weight's gradient rows at `latents` (zero where that weight got
+    none), in the order of the optimizer's latent group. [n, d_in] or [n]"""
+
+
+class LazyAdam(Optimizer):
+    """Adam with lazy per-latent updates of a Scale or Switch SAE's expert weights.
+
+    The SAE's `sparse_gradients` is set to this optimizer's collector, so the fast
+    path hands it gradient rows instead of dense gradients. After `backward()`,
+    `gather()` puts the step's rows in `touched` (to average or clip them), and
+    `step()` updates.
+
+    Args:
+        sae: The training SAE (its W_enc, W_dec and b_enc are updated lazily).
+        lr: Learning rate (SAELens's schedulers set it per step).
+        betas: Adam's (beta1, beta2).
+        eps: Adam's epsilon.
+        fused: PyTorch's fused Adam for the dense weights (None: PyTorch's default).
+    """
+
+    def __init__(
+        self,
+        sae: ScaleTrainingSAE,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        fused: bool | None = None,
+    ) -> None:
+        named = dict(sae.named_parameters())
+        latent = [named[name] for name in EXPERT_ROW_PARAMETERS]
+        dense = [p for name, p in named.items() if name not in EXPERT_ROW_PARAMETERS]
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "fused": fused}
+        groups: list[dict[str, Any]] = [{"params": dense}, {"params": latent}]
+        super().__init__(groups, defaults)
+        self.gradients = SparseExpertGradients()
+        self.touched: TouchedGradients | None = None
+        """This step's gradient rows, from `gather()` until `step()`."""
+        store_by_latent(named["W_enc"])
+        sae.sparse_gradients = self.gradients
+
+    @torch.no_grad()
+    def gather(self) -> TouchedGradients:
+        """This step's touched latents and rows, from the collector and from any
+        dense gradient an expert weight received (which is then cleared)."""
+        parameters = self.param_groups[LATENT_GROUP]["params"]
+        parts = [
+            _with_dense_gradient(self.gradients.take(name), parameter, axis)
+            for name, parameter, axis in zip(
+                EXPERT_ROW_PARAMETERS, parameters, LATENT_AXES, strict=True
+            )
+        ]
+        shapes = [
+            by_latent(p, axis).shape[1:]
+            for p, axis in zip(parameters, LATENT_AXES, strict=True)
+        ]
+        self.touched = align_rows(parts, shapes, parameters[0])
+        return self.touched
+
+    def dense_gradients(self) -> list[torch.Tensor]:
+        """Gradients of the weights Adam updates densely (those that got one)."""
+        params = self.param_groups[DENSE_GROUP]["params"]
+        return [p.grad for p in params if p.grad is not None]
+
+    @override
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:  # pyright: ignore[reportIncompatibleMethodOverride]
+        """Adam on the dense weights; lazy Adam on the touched latents."""
+        del closure
+        touched = self.touched if self.touched is not None else self.gather()
+        self._dense_step(self.param_groups[DENSE_GROUP])
+        self._latent_step(self.param_groups[LATENT_GROUP], touched)
+        self.touched = None
+
+    @override
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        self.gradients.clear()
+        self.touched = None
+
+    def _dense_step(self, group: dict[str, Any]) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        states = [self._dense_state(p, group) for p in params]
+        beta1, beta2 = group["betas"]
+        adam(
+            params,
+            [p.grad for p in params],
+            [state["exp_avg"] for state in states],
+            [state["exp_avg_sq"] for state in states],
+            [],
+            [state["step"] for state in states],
+            fused=group["fused"],
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=0.0,
+            eps=group["eps"],
+            maximize=False,
+        )
+
+    def _dense_state(
+        self, parameter: torch.Tensor, group: dict[str, Any]
+    ) -> dict[str, torch.Tensor]:
+        state = self.state[parameter]
+        if not state:  # as torch.optim.Adam: the step on the device only when fused
+            device = parameter.device if group["fused"] else None
+            state["step"] = torch.zeros((), dtype=torch.float32, device=device)
+            state["exp_avg"] = torch.zeros_like(parameter)
+            state["exp_avg_sq"] = torch.zeros_like(parameter)
+        return state
+
+    def _latent_step(self, group: dict[str, Any], touched: TouchedGradients) -> None:
+        latents = touched.latents
+        if latents.numel() == 0:
+            return
+        params = group["params"]
+        for parameter, grad, axis in zip(
+            params, touched.rows, LATENT_AXES, strict=True
+        ):
+            state = self._latent_state(parameter, axis)
+            lazy_adam_rows(
+                LatentRows(latents, grad),
+                [by_latent(t, axis) for t in (parameter, *_moments(state))],
+                state["step"],
+                group,
+            )
+
+    def _latent_state(
+        self, parameter: torch.Tensor, axis: int
+    ) -> dict[str, torch.Tensor]:
+        state = self.state[parameter]
+        if not state:
+            n_latents = parameter.shape[axis]
+            device = parameter.device
+            state["step"] = torch.zeros(n_latents, dtype=torch.float32, device=device)
+            state["exp_avg"] = torch.zeros_like(parameter)  # in W_enc's layout
+            state["exp_avg_sq"] = torch.zeros_like(parameter)
+        return state
+
+
+LATENT_AXES = (1, 0, 0)
+"""The latent axis of W_enc [d_in, d_sae], W_dec [d_sae, d_in] and b_enc [d_sae]."""
+
+
+def lazy_adam_rows(
+    gradient: LatentRows,
+    weight_and_moments: list[torch.Tensor],  # [d_sae, ...] each, by latent
+    steps: torch.Tensor,  # [d_sae] float32, each latent's own step count
+    group: dict[str, Any],
+) -> None:
+    """PyTorch's Adam update, on the gradient's latents only, with per-latent steps."""
+    latents, grad = gradient
+    weight, exp_avg, exp_avg_sq = weight_and_moments
+    beta1, beta2 = group["betas"]
+    latent_steps = steps.index_select(0, latents).add_(1)
+    steps.index_copy_(0, latents, latent_steps)
+    shape = (-1,) + (1,) * (grad.dim() - 1)
+    bias_correction1 = (1 - beta1**latent_steps).view(shape)
+    bias_correction2_sqrt = (1 - beta2**latent_steps).sqrt_().view(shape)
+    moment1 = exp_avg.index_select(0, latents).lerp_(grad, 1 - beta1)
+    moment2 = exp_avg_sq.index_select(0, latents).mul_(beta2)
+    moment2.addcmul_(grad, grad, value=1 - beta2)
+    exp_avg.index_copy_(0, latents, moment1)
+    exp_avg_sq.index_copy_(0, latents, moment2)
+    denom = moment2.sqrt_().div_(bias_correction2_sqrt).add_(group["eps"])
+    update = moment1.div_(denom).div_(bias_correction1)
+    weight.index_add_(0, latents, update, alpha=-group["lr"])
+
+
+def align_rows(
+    parts: list[LatentRows | None],
+    row_shapes: list[torch.Size],
+    like: torch.Tensor,
+    latents: torch.Tensor | None = None,
+) -> TouchedGradients:
+    """Every part's rows on `latents` (default: the union of theirs), with zero rows
+    where a part has none; `latents` must hold every part's."""
+    if latents is None:
+        latents = _union([part.latents for part in parts if part is not None], like)
+    rows = []
+    for part, shape in zip(parts, row_shapes, strict=True):
+        full = like.new_zeros(latents.shape[0], *shape)
+        if part is not None:
+            positions = torch.searchsorted(latents, part.latents)
+            full.index_copy_(0, positions, part.rows.to(full.dtype))
+        rows.append(full)
+    return TouchedGradients(latents, rows)
+
+
+def _union(latents: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    if not latents:
+        return torch.zeros(0, dtype=torch.long, device=like.device)
+    return torch.cat(latents).unique(sorted=True)
+
+
+def by_latent(tensor: torch.Tensor, axis: int) -> torch.Tensor:
+    """`tensor` with its latent axis first: W_enc [d_in, d_sae] as [d_sae, d_in]."""
+    return tensor.t() if axis == 1 else tensor
+
+
+def store_by_latent(W_enc: torch.Tensor) -> None:
+    """Store W_enc [d_in, d_sae] as the transpose of a contiguous [d_sae, d_in]."""
+    if not W_enc.t().is_contiguous():
+        W_enc.data = W_enc.data.t().contiguous().t()
+
+
+def _moments(state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return state["exp_avg"], state["exp_avg_sq"]
+
+
+def _with_dense_gradient(
+    collected: LatentRows | None, parameter: torch.Tensor, axis: int
+) -> LatentRows | None:
+    """`collected` plus the rows of `parameter.grad` that are not all zero, if the
+    weight received a dense gradient (a path that does not collect rows)."""
+    grad = parameter.grad
+    if grad is None:
+        return collected
+    parameter.grad = None
+    rows = by_latent(grad, axis)
+    latents = rows.reshape(rows.shape[0], -1).ne(0).any(dim=1).nonzero().squeeze(1)
+    dense = LatentRows(latents, rows.index_select(0, latents))
+    if collected is None:
+        return dense
+    return sum_by_latent(
+        torch.cat([collected.latents, dense.latents]),
+        torch.cat([collected.rows.to(dense.rows.dtype), dense.rows]),
+    )
