@@ -10,6 +10,7 @@ from saelens_moe.saes import fast, moe
 from saelens_moe.saes.fast import grouped as grouped_matmuls
 from saelens_moe.saes.fast.grouped import grouped_mm_handles, selected_expert_matmuls
 from saelens_moe.saes.moe import SparseCode
+from saelens_moe.saes.sparse_gradients import LatentRows, SparseExpertGradients
 
 D_IN, N_EXPERTS, BLOCK = 16, 4, 8
 
@@ -154,6 +155,58 @@ def test_fast_decoding_equals_moe_decoding_with_gradients(rescale: bool) -> None
     torch.testing.assert_close(fast_out, moe_out)
     for got, expected in zip(fast_grads, moe_grads, strict=True):
         torch.testing.assert_close(got, expected)
+
+
+def dense_rows(rows: LatentRows, n_latents: int) -> torch.Tensor:
+    dense = rows.rows.new_zeros(n_latents, *rows.rows.shape[1:])
+    return dense.index_add_(0, rows.latents, rows.rows)
+
+
+def test_sparse_gradients_of_the_expert_matmuls_equal_the_dense_ones() -> None:
+    sae_in, experts, W_enc = problem()
+    # a gradient on a few entries only, as the kept latents leave
+    mask = torch.rand(20, 2, BLOCK) < 0.1
+    grad_out = torch.randn(20, 2, BLOCK) * mask
+    dense = selected_expert_matmuls(sae_in, experts, W_enc, N_EXPERTS)
+    expected = torch.autograd.grad(dense, (sae_in, W_enc), grad_out)
+    collector = SparseExpertGradients()
+    sparse = selected_expert_matmuls(
+        sae_in, experts, W_enc.t().contiguous().t(), N_EXPERTS, collector
+    )
+    torch.testing.assert_close(sparse, dense)
+    (grad_in,) = torch.autograd.grad(sparse, (sae_in,), grad_out)
+    torch.testing.assert_close(grad_in, expected[0])
+    rows = collector.take("W_enc")
+    assert rows is not None and rows.latents.numel() < N_EXPERTS * BLOCK
+    torch.testing.assert_close(dense_rows(rows, N_EXPERTS * BLOCK), expected[1].t())
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+def test_sparse_gradients_of_decoding_equal_the_dense_ones(rescale: bool) -> None:
+    W_dec = torch.randn(N_EXPERTS * BLOCK, D_IN, requires_grad=True)
+    values = torch.rand(20, 3) * (torch.rand(20, 3) < 0.7)  # some kept at 0
+    values.requires_grad_()
+    latents = torch.randint(0, N_EXPERTS * BLOCK, (20, 3))
+    code = SparseCode(values, latents)
+    decoder = fast.decoder_for(W_dec, rescale)
+    decoded = fast.decode_sparse(code, decoder)
+    norm_term = decoder.norms[latents].sum() if decoder.norms is not None else 0
+    expected = gradients(decoded + norm_term, values, W_dec)
+    collector = SparseExpertGradients()
+    decoder = fast.decoder_for(W_dec, rescale, collector)
+    decoded = fast.decode_sparse(code, decoder)
+    norm_term = decoder.norms[latents].sum() if decoder.norms is not None else 0
+    output = decoded + norm_term
+    weights = torch.linspace(-1, 1, output.numel()).view_as(output)
+    (output * weights).sum().backward()  # as training: autograd.grad would skip W_dec
+    torch.testing.assert_close(values.grad, expected[0])
+    assert W_dec.grad is None
+    rows = collector.take("W_dec")
+    assert rows is not None
+    # decoding reaches the latents kept above 0; the norm term here, every one
+    touched = (latents if rescale else latents[values != 0]).unique()
+    assert torch.equal(rows.latents, touched)
+    torch.testing.assert_close(dense_rows(rows, N_EXPERTS * BLOCK), expected[1])
 
 
 def test_fast_top_k_equals_moe_top_k_with_gradients() -> None:

@@ -19,8 +19,8 @@ which of these paths a device, dtype and GPU take; the SAE warns once
 """
 
 import warnings
-from functools import cache, partial
-from typing import Literal, get_args
+from functools import cache
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +28,7 @@ import torch.nn.functional as F
 from saelens_moe.saes import moe
 from saelens_moe.saes.fast.autocast import autocast_dtype
 from saelens_moe.saes.sparse_gradients import (
-    LatentRows,
     SparseExpertGradients,
-    collect_rows,
     weighted_row_sums,
 )
 
@@ -123,33 +121,59 @@ def selected_expert_matmuls(
         pair_experts, torch.arange(n_experts, device=experts.device), right=True
     ).to(torch.int32)
     grouped_in = sae_in.index_select(0, pair_order // n_active)  # [pairs, d_in]
-    if gradients is not None:
-        W_enc = W_enc.detach()  # its gradient is collected as columns below
-    blocks = W_enc.view(W_enc.shape[0], n_experts, block_size).permute(1, 0, 2)
-    grouped_out = grouped_mm(grouped_in, blocks, group_ends)  # [pairs, m]
-    if gradients is not None:
-        grouped_out = collect_rows(
-            grouped_out,
-            gradients,
-            "W_enc",
-            partial(_encoder_columns, grouped_in.detach(), pair_experts, block_size),
+    if gradients is None:
+        blocks = W_enc.view(W_enc.shape[0], n_experts, block_size).permute(1, 0, 2)
+        grouped_out = grouped_mm(grouped_in, blocks, group_ends)  # [pairs, m]
+    else:
+        grouped_out = _GroupedMMWithSparseGradients.apply(
+            grouped_in, W_enc.detach(), group_ends, pair_experts, gradients
         )
     pair_out = torch.empty_like(grouped_out).index_copy(0, pair_order, grouped_out)
     return pair_out.view(n_tokens, n_active, block_size)
 
 
-def _encoder_columns(
-    grouped_in: torch.Tensor,  # [pairs, d_in]
-    pair_experts: torch.Tensor,  # [pairs]
-    block_size: int,
-    grad_out: torch.Tensor,  # [pairs, m]
-) -> LatentRows:
-    """W_enc's gradient columns, as rows, of the latents with a nonzero gradient in
-    `grad_out`: sum over their pairs of gradient * input. [latents, d_in]"""
-    pairs, within = grad_out.nonzero(as_tuple=True)
-    latents = pair_experts[pairs] * block_size + within
-    sources = grouped_in if grouped_in.dtype == torch.float32 else grouped_in.float()
-    return weighted_row_sums(sources, pairs, latents, grad_out[pairs, within])
+class _GroupedMMWithSparseGradients(torch.autograd.Function):
+    """`grouped_mm` whose backward reads only the nonzero entries of its output's
+    gradient (the kept and AuxK latents): the input gradient gathers their encoder
+    columns, and W_enc's gradient goes to `SparseExpertGradients` as their columns.
+    Backward costs pairs-with-gradient * d_in, not pairs * m * d_in."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        grouped_in: torch.Tensor,  # [pairs, d_in], rows grouped by expert
+        W_enc: torch.Tensor,  # [d_in, d_sae], detached
+        group_ends: torch.Tensor,  # [n_experts] int32
+        pair_experts: torch.Tensor,  # [pairs]
+        gradients: SparseExpertGradients,
+    ) -> torch.Tensor:
+        n_experts = group_ends.shape[0]
+        blocks = W_enc.view(W_enc.shape[0], n_experts, -1).permute(1, 0, 2)
+        ctx.save_for_backward(grouped_in, W_enc, pair_experts)
+        ctx.gradients = gradients
+        return F.grouped_mm(grouped_in, blocks, offs=group_ends)  # [pairs, m]
+
+    @staticmethod
+    def backward(  # pyright: ignore[reportIncompatibleMethodOverride]
+        ctx: Any, grad_out: torch.Tensor
+    ) -> tuple[torch.Tensor | None, None, None, None, None]:
+        grouped_in, W_enc, pair_experts = ctx.saved_tensors
+        pairs, within = grad_out.nonzero(as_tuple=True)  # sorted by pair
+        values = grad_out[pairs, within]
+        latents = pair_experts[pairs] * grad_out.shape[1] + within
+        grad_in = None
+        if ctx.needs_input_grad[0]:
+            starts = torch.arange(grad_out.shape[0], device=pairs.device)
+            grad_in = F.embedding_bag(
+                latents,
+                W_enc.t().contiguous(),  # a view when W_enc is stored by latent
+                torch.searchsorted(pairs, starts),
+                mode="sum",
+                per_sample_weights=values.to(W_enc.dtype),
+            )
+        sources = grouped_in.float()  # no copy in float32
+        ctx.gradients.add("W_enc", *weighted_row_sums(sources, pairs, latents, values))
+        return grad_in, None, None, None, None
 
 
 def grouped_mm_handles(W_enc: torch.Tensor, block_size: int) -> bool:
