@@ -32,6 +32,7 @@ group ends copied to the host, one mm per expert) or "every_expert".
 """
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -63,7 +64,11 @@ from saelens_moe import (
     SwitchTrainingSAE,
     SwitchTrainingSAEConfig,
 )
-from saelens_moe.saes.fast.grouped import expert_matmul_path_of
+from saelens_moe.saes.fast.grouped import (
+    expert_matmul_path_of,
+    selected_expert_matmuls,
+)
+from saelens_moe.trainer import MoESAETrainer
 
 GIB = 1024**3
 SCALING_E = 2
@@ -155,12 +160,18 @@ def candidates_for(sizes: Sizes) -> list[Candidate]:
         Candidate(name) for name in ("topk", "topk-sparse", "topk-sparse-no-rescale")
     ]
     scale = [Candidate("scale", n, e) for n, e in sizes.experts]
+    scale.insert(1, Candidate("scale-lazy", *sizes.experts[0]))
     switch_widths = sorted({n for n, _ in sizes.experts}, reverse=True)
     switch = [Candidate("switch", n, 1) for n in switch_widths]
     every = topk + scale + switch
     for candidate in every:
         candidate.encoder_flops_per_token = encoder_flops(sizes, candidate)
     return every
+
+
+def optimizer_of(candidate: Candidate) -> str:
+    """`trainer_for`'s optimizer: lazy Adam for "scale-lazy", else SAELens's Adam."""
+    return "lazy" if candidate.name == "scale-lazy" else "saelens"
 
 
 def encoder_flops(sizes: Sizes, candidate: Candidate) -> int:
@@ -193,6 +204,7 @@ def build(
     assert n_experts is not None and n_active is not None, candidate.name
     if candidate.name == "switch":
         return SwitchTrainingSAE(SwitchTrainingSAEConfig(**common, n_experts=n_experts))
+    # "scale" and "scale-lazy": the same SAE; the latter trained with lazy Adam
     return ScaleTrainingSAE(
         ScaleTrainingSAEConfig(**common, n_experts=n_experts, n_active_experts=n_active)
     )
@@ -214,8 +226,14 @@ def matmul_path(sae: TrainingSAE[Any], placement: Placement) -> str | None:
 
 
 def trainer_for(
-    sae: TrainingSAE[Any], batch: torch.Tensor, autocast: bool = False
+    sae: TrainingSAE[Any],
+    batch: torch.Tensor,
+    autocast: bool = False,
+    optimizer: str = "saelens",
 ) -> SAETrainer[Any, Any]:
+    """SAELens's trainer ("saelens": its per-tensor Adam), or ours with fused Adam
+    ("fused") or lazy Adam ("lazy"), fed `batch` forever."""
+
     def same_batch() -> Iterator[torch.Tensor]:
         while True:
             yield batch
@@ -227,7 +245,15 @@ def trainer_for(
         device=str(batch.device),
         autocast=autocast,
     )
-    return SAETrainer(cfg=cfg, sae=sae, data_provider=same_batch())
+    if optimizer == "saelens":
+        return SAETrainer(cfg=cfg, sae=sae, data_provider=same_batch())
+    return MoESAETrainer(
+        lazy_adam=optimizer == "lazy",
+        fused_adam=optimizer == "fused",
+        cfg=cfg,
+        sae=sae,
+        data_provider=same_batch(),
+    )
 
 
 def timed(fn: Callable[[], object], placement: Placement = Placement()) -> float:
@@ -293,7 +319,7 @@ def print_transient_of(sizes: Sizes, name: str, n_experts: int, n_active: int) -
     candidate = Candidate(name, n_experts or None, n_active or None)
     torch.manual_seed(0)
     x = torch.randn(sizes.batch, sizes.d_in)
-    trainer = trainer_for(build(candidate, sizes), x)
+    trainer = trainer_for(build(candidate, sizes), x, optimizer=optimizer_of(candidate))
     trainer.step(x)
     trainer.step(x)
     print(transient_gib(partial(trainer.step, x)))
@@ -327,7 +353,7 @@ def measure(
     for candidate in candidates:
         sae = build(candidate, sizes, placement)
         candidate.matmul_path = matmul_path(sae, placement)
-        trainer = trainer_for(sae, x, placement.autocast)
+        trainer = trainer_for(sae, x, placement.autocast, optimizer_of(candidate))
         runs.append((candidate, trainer, exported(sae, placement)))
     matmul_s = []
     for rep in range(reps + 1):
@@ -438,6 +464,112 @@ def scaling_curve_in_subprocess(
         check=True,
     )
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+STEP_CURVE_WIDTHS = [2**16, 2**17, 2**18, 2**19]
+STEP_CURVE_BLOCK = 512
+"""Latents per expert in the step curve (with e = SCALING_E: e*m = 1024)."""
+STEP_CURVE_ROWS = ("scale", "scale-lazy", "scale-fused", "topk")
+"""SAELens's dense step, lazy Adam, our fused Adam, and SAELens TopK."""
+
+
+def step_curve(
+    sizes: Sizes, widths: list[int], reps: int
+) -> list[dict[str, float | None]]:
+    """Whole training steps as d_sae doubles with m and e fixed, beside the floor.
+
+    One SAE at a time (the widest ones fill this machine's memory), so repetitions
+    do not interleave across rows; the first one is a warm-up. A row whose
+    weights, gradients, Adam state and dense activations would not fit in 80% of
+    the free memory is skipped (None). The floor: the routed encoder matmul
+    (which reads W_enc once), one read of W_dec, and the router matmul.
+    """
+    torch.manual_seed(0)
+    x = torch.randn(sizes.batch, sizes.d_in)
+    points: list[dict[str, float | None]] = []
+    for d_sae in widths:
+        point: dict[str, float | None] = {"d_sae": d_sae}
+        point["n_experts"] = d_sae // STEP_CURVE_BLOCK
+        for name in STEP_CURVE_ROWS:
+            point[f"{name}_step_s"] = _median_step(sizes, name, d_sae, x, reps)
+            gc.collect()
+        point["floor_s"] = _floor_s(sizes, d_sae, x, reps)
+        points.append(point)
+    return points
+
+
+def _curve_sae(sizes: Sizes, name: str, d_sae: int) -> TrainingSAE[Any]:
+    fields: dict[str, Any] = {"d_in": sizes.d_in, "d_sae": d_sae, "k": sizes.k}
+    if name == "topk":
+        return TopKTrainingSAE(TopKTrainingSAEConfig(**fields))
+    n_experts = d_sae // STEP_CURVE_BLOCK
+    return ScaleTrainingSAE(
+        ScaleTrainingSAEConfig(
+            **fields, n_experts=n_experts, n_active_experts=SCALING_E
+        )
+    )
+
+
+def _step_bytes(sizes: Sizes, name: str, d_sae: int) -> int:
+    """Weights, gradients, Adam state (16 B a weight) and, for TopK, three dense
+    [batch, d_sae] float32 activations."""
+    weights = 2 * sizes.d_in * d_sae
+    dense = 3 * 4 * sizes.batch * d_sae if name == "topk" else 0
+    return 16 * weights + dense
+
+
+def _median_step(
+    sizes: Sizes, name: str, d_sae: int, x: torch.Tensor, reps: int
+) -> float | None:
+    if _step_bytes(sizes, name, d_sae) > 0.8 * psutil.virtual_memory().available:
+        return None
+    optimizer = {"scale-lazy": "lazy", "scale-fused": "fused"}.get(name, "saelens")
+    trainer = trainer_for(_curve_sae(sizes, name, d_sae), x, optimizer=optimizer)
+    times = [timed(partial(trainer.step, x)) for _ in range(reps + 1)]
+    return statistics.median(times[1:])
+
+
+def _floor_s(sizes: Sizes, d_sae: int, x: torch.Tensor, reps: int) -> float:
+    sae = _curve_sae(sizes, "scale", d_sae)
+    assert isinstance(sae, ScaleTrainingSAE)
+    n_experts = sae.cfg.n_experts
+    experts = torch.rand(x.shape[0], n_experts).topk(SCALING_E, dim=-1).indices
+
+    def floor() -> None:
+        with torch.no_grad():
+            x @ sae.W_router
+            selected_expert_matmuls(x, experts, sae.W_enc, n_experts)
+            sae.W_dec.sum()
+
+    return statistics.median(timed(floor) for _ in range(reps + 1))
+
+
+def step_curve_markdown(points: list[dict[str, float | None]]) -> str:
+    titles = [
+        "d_sae",
+        "N",
+        "SAELens step s",
+        "lazy step s",
+        "fused step s",
+        "TopK step s",
+        "floor s",
+        "lazy vs SAELens step",
+        "lazy / floor",
+    ]
+    lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+    for point in points:
+        dense, lazy = point["scale_step_s"], point["scale-lazy_step_s"]
+        floor = point["floor_s"]
+        cells = [f"{point['d_sae']:.0f}", f"{point['n_experts']:.0f}"]
+        cells += [
+            "-" if point[f"{name}_step_s"] is None else f"{point[f'{name}_step_s']:.3f}"
+            for name in STEP_CURVE_ROWS
+        ]
+        cells.append("-" if floor is None else f"{floor:.3f}")
+        cells.append("-" if dense is None or lazy is None else f"{dense / lazy:.2f}x")
+        cells.append("-" if lazy is None or floor is None else f"{lazy / floor:.2f}x")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def summarise(
@@ -659,6 +791,12 @@ def main() -> None:
         nargs="+",
         help="d_sae values to sweep (default on a GPU: 24576 131072 524288)",
     )
+    parser.add_argument(
+        "--step-curve",
+        action="store_true",
+        help="whole training steps at d_sae 2^16 to 2^19 (m 512, e 2): SAELens's "
+        "Adam, lazy Adam, fused Adam, TopK and the floor",
+    )
     parser.add_argument("--transient-of", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--curve-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
@@ -672,6 +810,9 @@ def main() -> None:
         print(json.dumps(scaling_curve(sizes, args.reps)))
         return
     args.output_dir.mkdir(parents=True, exist_ok=True)
+    if args.step_curve:
+        write_step_curve(sizes, args.widths, args.reps, args.output_dir, args.quick)
+        return
     placement = Placement(args.device, args.dtype, args.autocast)
     widths = args.widths or (GPU_WIDTHS if args.device.startswith("cuda") else None)
     if widths:
@@ -701,6 +842,23 @@ def main() -> None:
     }
     (args.output_dir / f"{stem}.json").write_text(json.dumps(result, indent=2))
     plot_curves(curves, args.output_dir / f"{stem}_scaling.png")
+
+
+def write_step_curve(
+    sizes: Sizes, widths: list[int] | None, reps: int, output_dir: Path, quick: bool
+) -> None:
+    """`step_curve` as a table and JSON (`throughput_step_curve[_quick]`)."""
+    if widths is None:
+        widths = [w // 64 for w in STEP_CURVE_WIDTHS] if quick else STEP_CURVE_WIDTHS
+    points = step_curve(sizes, widths, reps)
+    table = step_curve_markdown(points)
+    print(table)
+    stem = "throughput_step_curve" + ("_quick" if quick else "")
+    (output_dir / f"{stem}.md").write_text(table + "\n")
+    report: dict[str, Any] = {"sizes": asdict(sizes), "repetitions": reps}
+    report["machine"] = machine()
+    report["points"] = points
+    (output_dir / f"{stem}.json").write_text(json.dumps(report, indent=2))
 
 
 def sweep(

@@ -226,12 +226,19 @@ def align_rows(
         latents = _union([part.latents for part in parts if part is not None], like)
     rows = []
     for part, shape in zip(parts, row_shapes, strict=True):
+        if part is not None and _same(part.latents, latents):
+            rows.append(part.rows.to(like.dtype))
+            continue
         full = like.new_zeros(latents.shape[0], *shape)
         if part is not None:
             positions = torch.searchsorted(latents, part.latents)
             full.index_copy_(0, positions, part.rows.to(full.dtype))
         rows.append(full)
     return TouchedGradients(latents, rows)
+
+
+def _same(latents: torch.Tensor, other: torch.Tensor) -> bool:
+    return latents.shape == other.shape and bool(torch.equal(latents, other))
 
 
 def _union(latents: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
