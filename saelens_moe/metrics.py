@@ -16,8 +16,13 @@ Definitions:
   averaged per expert; the global value is the usage-weighted mean over experts.
 - Network sparsity e / N; encoder multiply-adds per token d_in * N + e * m * d_in
   (MoE) or d_in * d_sae (dense).
+- Routing specialisation, given each token's known domains (a synthetic ground
+  truth): NMI between selected experts and domains, each expert's domain purity and
+  effective number of domains served, each beside its chance level (domains
+  shuffled across tokens: same expert load, no link).
 """
 
+import statistics
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -115,9 +120,15 @@ def max_cosines(
     W_dec: torch.Tensor,  # [d_sae, d_in]
     n_experts: int = 1,
     max_block_bytes: int = DEFAULT_BLOCK_BYTES,
+    live: torch.Tensor | None = None,  # [d_sae] bool
 ) -> MaxCosines:
-    """Max cosine of each decoder row with the others, one row block at a time."""
+    """Max cosine of each decoder row with the others, one row block at a time.
+
+    With `live`, only live latents count as others; a row with no live latent in a
+    scope gets -inf there.
+    """
     unit = _unit_rows(W_dec)
+    dead = None if live is None else ~live.to(unit.device)
     d_sae = unit.shape[0]
     block_size = d_sae // n_experts
     overall = unit.new_empty(d_sae)
@@ -131,6 +142,8 @@ def max_cosines(
         local = torch.arange(sims.shape[0], device=sims.device)
         latents = local + rows.start
         sims[local, latents] = float("-inf")
+        if dead is not None:
+            sims[:, dead] = float("-inf")
         overall[rows] = sims.max(dim=-1).values
         if inter is None:
             continue
@@ -161,10 +174,15 @@ class RedundancyScope:
 def redundancy_scope(
     max_cos: torch.Tensor, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
 ) -> RedundancyScope:
-    """Summarise per-latent max cosines at each threshold."""
+    """Summarise per-latent max cosines at each threshold.
+
+    Latents without a partner in scope (-inf) count as below every threshold and
+    are left out of the mean (NaN when no latent has one).
+    """
+    finite = max_cos[max_cos.isfinite()].float()
     return RedundancyScope(
         {tau: (max_cos > tau).float().mean().item() for tau in thresholds},
-        max_cos.float().mean().item(),
+        finite.mean().item() if finite.numel() else float("nan"),
     )
 
 
@@ -216,11 +234,23 @@ def decoder_redundancy(
     n_experts: int = 1,
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     max_block_bytes: int = DEFAULT_BLOCK_BYTES,
+    live: torch.Tensor | None = None,  # [d_sae] bool
 ) -> Redundancy:
-    """Redundancy(tau) of decoder rows, split intra / inter expert."""
-    return redundancy_from_max_cosines(
-        max_cosines(W_dec, n_experts, max_block_bytes), thresholds
-    )
+    """Redundancy(tau) of decoder rows, split intra / inter expert.
+
+    With `live`, over live latents only, each against the other live latents (a dead
+    latent left behind next to its live copy is then no duplicate).
+    """
+    cosines = max_cosines(W_dec, n_experts, max_block_bytes, live)
+    if live is not None:
+        rows = live.to(cosines.overall.device)
+        intra, inter = cosines.intra_expert, cosines.inter_expert
+        cosines = MaxCosines(
+            cosines.overall[rows],
+            None if intra is None else intra[rows],
+            None if inter is None else inter[rows],
+        )
+    return redundancy_from_max_cosines(cosines, thresholds)
 
 
 @dataclass(frozen=True)
@@ -612,7 +642,11 @@ def expert_specialisation(
     n_shuffles: int = 20,
     seed: int = 0,
 ) -> ExpertSpecialisation:
-    """Purity of each expert's latents with respect to ground-truth hierarchy trees."""
+    """Purity of each expert's latents with respect to ground-truth hierarchy trees.
+
+    `trees` can be any grouping of the true features (their domains, for instance):
+    a latent counts for the group of the true feature nearest its decoder row.
+    """
     cos = cosine_similarities(W_dec.detach().float(), gt_features.float()).abs()
     best_cos, best_feature = cos.max(dim=1)
     tree_of_latent = trees.to(best_feature.device)[best_feature]
@@ -633,3 +667,165 @@ def expert_specialisation(
     ]
     chance = sum(shuffled) / max(len(shuffled), 1)
     return ExpertSpecialisation(counts, purity, overall, chance, int(matched.sum()))
+
+
+# ---------------------------------------------------------------- domain routing
+
+
+@torch.no_grad()
+def expert_domain_counts(
+    experts: torch.Tensor,  # [tokens, e], distinct expert indices per token
+    domains: torch.Tensor,  # [tokens, n_domains] bool
+    n_experts: int,
+) -> torch.Tensor:
+    """Joint weight of (selected expert, token domain) pairs. [n_experts, n_domains]
+
+    Each token with a domain spreads a weight of 1 evenly over its e x |domains|
+    (expert, domain) pairs, so the matrix sums to the number of such tokens.
+    """
+    domain_weights = domains.double()
+    domain_weights = domain_weights / domain_weights.sum(-1, keepdim=True).clamp(min=1)
+    selection = domain_weights.new_zeros(experts.shape[0], n_experts)
+    selection.scatter_(1, experts.long().to(selection.device), 1 / experts.shape[1])
+    return selection.T @ domain_weights.to(selection.device)
+
+
+def _entropy(probabilities: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Entropy in nats along `dim` (0 log 0 = 0)."""
+    return -torch.xlogy(probabilities, probabilities).sum(dim)
+
+
+class _RoutingScores(NamedTuple):
+    nmi: float
+    mutual_information: float
+    purity: list[float | None]
+    domains_served: list[float | None]
+    overall_purity: float
+    mean_domains_served: float
+
+
+def _routing_scores(counts: torch.Tensor) -> _RoutingScores:
+    """NMI, purity and domains served from joint counts [n_experts, n_domains]."""
+    joint = counts / counts.sum().clamp(min=1e-12)
+    expert_share, domain_share = joint.sum(1), joint.sum(0)
+    h_experts, h_domains = _entropy(expert_share), _entropy(domain_share)
+    information = (h_experts + h_domains - _entropy(joint.flatten())).clamp(min=0)
+    mean_entropy = (h_experts + h_domains) / 2
+    nmi = (information / mean_entropy).item() if mean_entropy > 0 else 0.0
+    loaded = expert_share > 0
+    conditional = joint / expert_share.clamp(min=1e-12)[:, None]  # P(domain | expert)
+    purity = conditional.max(dim=1).values
+    served = _entropy(conditional).exp()
+    return _RoutingScores(
+        nmi=nmi,
+        mutual_information=information.item(),
+        purity=[
+            p if ok else None
+            for p, ok in zip(purity.tolist(), loaded.tolist(), strict=True)
+        ],
+        domains_served=[
+            d if ok else None
+            for d, ok in zip(served.tolist(), loaded.tolist(), strict=True)
+        ],
+        overall_purity=(expert_share * purity).sum().item(),
+        mean_domains_served=(expert_share * served).sum().item(),
+    )
+
+
+def _mean_per_expert(runs: Sequence[list[float | None]]) -> list[float | None]:
+    out: list[float | None] = []
+    for values in zip(*runs, strict=True):
+        present = [v for v in values if v is not None]
+        out.append(sum(present) / len(present) if present else None)
+    return out
+
+
+@dataclass(frozen=True)
+class RoutingSpecialisation:
+    """How well a router's expert choice follows the tokens' known domains.
+
+    Each score comes with its chance level: the same score with the domain labels
+    shuffled across tokens, which keeps every expert's load and every domain's
+    frequency and removes any link between them.
+    """
+
+    nmi: float
+    """Mutual information of selected expert and domain over the mean of their
+    entropies: 1 when experts and domains map one to one (e = 1, one domain per
+    token), near 0 when routing ignores domains."""
+    chance_nmi: float
+    """`nmi` with shuffled domains."""
+    mutual_information: float
+    """Mutual information of selected expert and domain, in nats."""
+    expert_share: list[float]
+    """Share of the (expert, domain) weight each expert receives: its load. [n_experts]"""
+    purity: list[float | None]
+    """Per expert: share of its weight from its most common domain (None if unused)."""
+    chance_purity: list[float | None]
+    """`purity` with shuffled domains."""
+    domains_served: list[float | None]
+    """Per expert: effective number of domains it serves, exp(entropy of its domain
+    distribution): 1 for one domain, k for k domains in equal parts."""
+    chance_domains_served: list[float | None]
+    """`domains_served` with shuffled domains."""
+    overall_purity: float
+    """Load-weighted mean of `purity`."""
+    chance_overall_purity: float
+    """`overall_purity` with shuffled domains."""
+    mean_domains_served: float
+    """Load-weighted mean of `domains_served`."""
+    chance_mean_domains_served: float
+    """`mean_domains_served` with shuffled domains."""
+
+    def to_dict(self, prefix: str = "routing_specialisation/") -> dict[str, Any]:
+        """Flat "<prefix><field>" keys; per-expert values as lists."""
+        return {f"{prefix}{key}": value for key, value in self.__dict__.items()}
+
+
+@torch.no_grad()
+def routing_specialisation(
+    experts: torch.Tensor,  # [tokens, e]
+    domains: torch.Tensor,  # [tokens, n_domains] bool
+    n_experts: int,
+    n_shuffles: int = 20,
+    seed: int = 0,
+) -> RoutingSpecialisation:
+    """Score a routed SAE's expert selection (`route_activations(...).experts`)
+    against the tokens' domains, each score beside its chance level."""
+    if n_shuffles < 1:
+        raise ValueError(f"n_shuffles must be at least 1, got {n_shuffles}")
+    if experts.shape[0] != domains.shape[0]:
+        raise ValueError(
+            f"experts and domains need one row per token, got {experts.shape[0]} "
+            f"and {domains.shape[0]}"
+        )
+    counts = expert_domain_counts(experts, domains, n_experts)
+    scores = _routing_scores(counts)
+    generator = torch.Generator().manual_seed(seed)
+    shuffled = [
+        _routing_scores(
+            expert_domain_counts(
+                experts,
+                domains[torch.randperm(domains.shape[0], generator=generator)],
+                n_experts,
+            )
+        )
+        for _ in range(n_shuffles)
+    ]
+    share = counts.sum(1) / counts.sum().clamp(min=1e-12)
+    return RoutingSpecialisation(
+        nmi=scores.nmi,
+        chance_nmi=statistics.fmean(s.nmi for s in shuffled),
+        mutual_information=scores.mutual_information,
+        expert_share=share.tolist(),
+        purity=scores.purity,
+        chance_purity=_mean_per_expert([s.purity for s in shuffled]),
+        domains_served=scores.domains_served,
+        chance_domains_served=_mean_per_expert([s.domains_served for s in shuffled]),
+        overall_purity=scores.overall_purity,
+        chance_overall_purity=statistics.fmean(s.overall_purity for s in shuffled),
+        mean_domains_served=scores.mean_domains_served,
+        chance_mean_domains_served=statistics.fmean(
+            s.mean_domains_served for s in shuffled
+        ),
+    )

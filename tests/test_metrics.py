@@ -28,6 +28,7 @@ from saelens_moe.metrics import (
     decoder_histograms,
     decoder_redundancy,
     encoder_flops_per_token,
+    expert_domain_counts,
     expert_layout,
     expert_load,
     expert_specialisation,
@@ -38,7 +39,9 @@ from saelens_moe.metrics import (
     latent_dimensionality,
     max_cosines,
     omega_per_expert,
+    redundancy_scope,
     route_activations,
+    routing_specialisation,
     row_blocks,
 )
 from saelens_moe.router_health import (
@@ -529,3 +532,102 @@ def test_highpass_redundancy_ignores_a_shared_expert_direction() -> None:
     highpass = decoder_redundancy(highpass_decoder(W_dec, 1)).overall
     assert raw == 1.0
     assert highpass.fraction_above[0.8] == 0.0
+
+
+def test_live_redundancy_ignores_duplicates_of_dead_latents() -> None:
+    """Latent 1 duplicates 0 but is dead; 3 duplicates 2 in the other expert, both live."""
+    W_dec = basis(0, 0, 1, 1, 2, 3)
+    live = torch.tensor([True, False, True, True, True, True])
+    redundancy = decoder_redundancy(W_dec, n_experts=2, thresholds=(0.9,), live=live)
+    assert redundancy.overall.fraction_above[0.9] == pytest.approx(2 / 5)
+    assert redundancy.intra_expert is not None and redundancy.inter_expert is not None
+    # expert 0 = {0, 1, 2}: 0's only copy is dead; expert 1 = {3, 4, 5}
+    assert redundancy.intra_expert.fraction_above[0.9] == 0.0
+    assert redundancy.inter_expert.fraction_above[0.9] == pytest.approx(2 / 5)
+    everyone = decoder_redundancy(W_dec, n_experts=2, thresholds=(0.9,))
+    assert everyone.overall.fraction_above[0.9] == pytest.approx(4 / 6)
+
+
+def test_max_cosines_with_no_live_partner_is_minus_infinity() -> None:
+    live = torch.tensor([True, False, False, True])
+    cosines = max_cosines(basis(0, 0, 1, 1), n_experts=2, live=live)
+    assert cosines.intra_expert is not None
+    # the live latents' only expert-mates are dead; the dead ones see a live copy
+    assert cosines.intra_expert.tolist() == [float("-inf"), 1.0, 1.0, float("-inf")]
+    scope = redundancy_scope(torch.tensor([0.95, float("-inf"), 0.5]), (0.9,))
+    assert scope.fraction_above == {0.9: pytest.approx(1 / 3)}
+    assert scope.mean_max_cosine == pytest.approx(0.725)
+
+
+def test_expert_domain_counts_spread_each_token_over_its_pairs() -> None:
+    experts = torch.tensor([[0, 1], [2, 0]])
+    domains = torch.tensor([[True, False, True], [False, True, False]])
+    counts = expert_domain_counts(experts, domains, n_experts=3)
+    expected = torch.tensor(
+        [[0.25, 0.5, 0.25], [0.25, 0.0, 0.25], [0.0, 0.5, 0.0]], dtype=torch.float64
+    )
+    torch.testing.assert_close(counts, expected)
+
+
+def one_hot_domains(domain: torch.Tensor, n_domains: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(domain, n_domains).bool()
+
+
+def test_routing_specialisation_of_a_one_to_one_router_is_one() -> None:
+    domain = torch.randint(4, (4_000,))
+    result = routing_specialisation(domain[:, None], one_hot_domains(domain, 4), 4)
+    assert result.nmi == pytest.approx(1.0)
+    assert result.purity == pytest.approx([1.0] * 4)
+    assert result.domains_served == pytest.approx([1.0] * 4)
+    assert result.overall_purity == pytest.approx(1.0)
+    assert result.chance_nmi < 0.01
+    assert result.chance_overall_purity == pytest.approx(0.25, abs=0.02)
+    assert result.chance_mean_domains_served == pytest.approx(4.0, abs=0.02)
+    json.dumps(result.to_dict())
+
+
+def test_routing_specialisation_of_a_router_blind_to_domains_is_at_chance() -> None:
+    domain = torch.randint(8, (20_000,))
+    experts = torch.stack([torch.randperm(4)[:2] for _ in range(20_000)])
+    result = routing_specialisation(experts, one_hot_domains(domain, 8), 4)
+    assert result.nmi < 0.005
+    assert result.nmi == pytest.approx(result.chance_nmi, abs=0.002)
+    assert result.overall_purity == pytest.approx(
+        result.chance_overall_purity, abs=0.01
+    )
+    assert result.expert_share == pytest.approx([0.25] * 4, abs=0.01)
+    for served, chance in zip(
+        result.domains_served, result.chance_domains_served, strict=True
+    ):
+        assert served == pytest.approx(chance, abs=0.05)
+
+
+def test_routing_specialisation_shuffled_labels_put_purity_at_chance() -> None:
+    """A router that follows the domains, scored against the wrong tokens' labels."""
+    domain = torch.randint(4, (10_000,))
+    experts = domain[:, None] // 2  # two domains per expert: purity 1/2
+    true = routing_specialisation(experts, one_hot_domains(domain, 4), 2)
+    assert true.overall_purity == pytest.approx(0.5, abs=0.02)
+    assert true.domains_served == pytest.approx([2.0, 2.0], abs=0.01)
+    assert true.chance_overall_purity == pytest.approx(0.25, abs=0.02)
+    shuffled = one_hot_domains(domain[torch.randperm(10_000)], 4)
+    blind = routing_specialisation(experts, shuffled, 2)
+    assert blind.overall_purity == pytest.approx(blind.chance_overall_purity, abs=0.02)
+    assert blind.nmi == pytest.approx(blind.chance_nmi, abs=0.002)
+
+
+def test_routing_specialisation_leaves_unused_experts_out() -> None:
+    domain = torch.randint(2, (100,))
+    result = routing_specialisation(domain[:, None], one_hot_domains(domain, 2), 3)
+    assert result.purity[2] is None and result.domains_served[2] is None
+    assert result.chance_purity[2] is None
+    assert result.expert_share[2] == 0.0
+
+
+def test_routing_specialisation_refuses_mismatched_tokens() -> None:
+    with pytest.raises(ValueError, match="one row per token"):
+        routing_specialisation(torch.zeros(3, 1), torch.ones(4, 2, dtype=torch.bool), 2)
+    with pytest.raises(ValueError, match="n_shuffles"):
+        routing_specialisation(
+            torch.zeros(3, 1), torch.ones(3, 2, dtype=torch.bool), 2, n_shuffles=0
+        )
