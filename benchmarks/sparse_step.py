@@ -259,17 +259,20 @@ def fused_study(setting: Setting) -> dict[str, Any]:
         "scale": Candidate("scale", *sizes.experts[0]),
     }
     saes = {name: build(candidate, sizes) for name, candidate in candidates.items()}
-    trainers = {
-        (name, optimizer): trainer_for(_copy(sae), x, optimizer=optimizer)
-        for name, sae in saes.items()
-        for optimizer in ("saelens", "fused")
-    }
-    times: dict[tuple[str, str], list[float]] = {key: [] for key in trainers}
-    for rep in range(setting.reps + 1):
-        for key, trainer in trainers.items():
-            elapsed = timed(partial(trainer.step, x))
-            if rep:
-                times[key].append(elapsed)
+    trainers = {}
+    times: dict[tuple[str, str], list[float]] = {}
+    for name, sae in saes.items():  # one SAE at a time: TopK's temporaries are large
+        pair = {
+            (name, optimizer): trainer_for(_copy(sae), x, optimizer=optimizer)
+            for optimizer in ("saelens", "fused")
+        }
+        for rep in range(setting.reps + 1):
+            keys = list(pair) if rep % 2 else list(pair)[::-1]
+            for key in keys:
+                elapsed = timed(partial(pair[key].step, x))
+                if rep:
+                    times.setdefault(key, []).append(elapsed)
+        trainers |= pair
     medians = {
         f"{name} {opt}": statistics.median(t) for (name, opt), t in times.items()
     }

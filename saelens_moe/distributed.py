@@ -361,15 +361,23 @@ class DistributedSAETrainer(MoESAETrainer):
         process's touched latents.
         """
         optimizer = self.optimizer
-        if isinstance(optimizer, LazyAdam) and not self.parallel.expert_parallel:
+        if isinstance(optimizer, LazyAdam):
             assert optimizer.touched is not None, "gather() comes first"
-            optimizer.touched = _summed_over_processes(
-                optimizer.touched, self.sae.cfg.d_sae, self.parallel
-            )
+            optimizer.touched = self._touched_over_processes(optimizer.touched)
         replicated, sharded = self._dense_gradients()
         _sum_in_place(replicated, self.parallel)
         for grad in replicated + sharded + touched_rows(optimizer):
             grad.div_(self.parallel.world_size)
+
+    def _touched_over_processes(self, touched: TouchedGradients) -> TouchedGradients:
+        """Data parallel: the rows summed on the union of touched latents. Expert
+        parallel: each process's own rows, with the share of the whole dictionary
+        touched (so every process takes the dense step together, as one would)."""
+        d_sae = self.sae.cfg.d_sae
+        if not self.parallel.expert_parallel:
+            return _summed_over_processes(touched, d_sae, self.parallel)
+        count = torch.tensor(float(touched.latents.numel()), device=self.sae.device)
+        return touched._replace(share=float(self.parallel.sum(count)) / d_sae)
 
     @override
     @torch.no_grad()
@@ -437,14 +445,14 @@ def _summed_over_processes(
     is_touched = touched.latents.new_zeros(n_latents, dtype=torch.float32)
     is_touched[touched.latents] = 1.0
     union = parallel.sum(is_touched).nonzero().squeeze(1)
-    union_rows = align_rows(
+    _, union_rows = align_rows(
         [LatentRows(touched.latents, rows) for rows in touched.rows],
         [rows.shape[1:] for rows in touched.rows],
         touched.rows[0],
         union,
-    ).rows
+    )
     _sum_in_place(union_rows, parallel)
-    return TouchedGradients(union, union_rows)
+    return TouchedGradients(union, union_rows, union.numel() / n_latents)
 
 
 def _squared_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:

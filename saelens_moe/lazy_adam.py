@@ -45,6 +45,12 @@ class TouchedGradients(NamedTuple):
     rows: list[torch.Tensor]
     """Each expert weight's gradient rows at `latents` (zero where that weight got
     none), in the order of the optimizer's latent group. [n, d_in] or [n]"""
+    share: float
+    """The share of the whole dictionary touched (over every process's experts)."""
+
+    def dense_step(self) -> bool:
+        """Whether this step touches nearly every latent: dense Adam runs."""
+        return self.share >= DENSE_STEP_FRACTION
 
 
 class LazyAdam(Optimizer):
@@ -98,7 +104,9 @@ class LazyAdam(Optimizer):
             by_latent(p, axis).shape[1:]
             for p, axis in zip(parameters, LATENT_AXES, strict=True)
         ]
-        self.touched = align_rows(parts, shapes, parameters[0])
+        latents, rows = align_rows(parts, shapes, parameters[0])
+        n_latents = parameters[1].shape[0]  # W_dec's rows
+        self.touched = TouchedGradients(latents, rows, latents.numel() / n_latents)
         return self.touched
 
     def dense_gradients(self) -> list[torch.Tensor]:
@@ -127,22 +135,13 @@ class LazyAdam(Optimizer):
         if not params:
             return
         states = [self._dense_state(p, group) for p in params]
-        beta1, beta2 = group["betas"]
-        adam(
+        _adam(
             params,
             [p.grad for p in params],
             [state["exp_avg"] for state in states],
             [state["exp_avg_sq"] for state in states],
-            [],
             [state["step"] for state in states],
-            fused=group["fused"],
-            amsgrad=False,
-            beta1=beta1,
-            beta2=beta2,
-            lr=group["lr"],
-            weight_decay=0.0,
-            eps=group["eps"],
-            maximize=False,
+            group,
         )
 
     def _dense_state(
@@ -170,6 +169,7 @@ class LazyAdam(Optimizer):
                 [by_latent(t, axis) for t in (parameter, *_moments(state))],
                 state["step"],
                 group,
+                touched.dense_step(),
             )
 
     def _latent_state(
@@ -185,6 +185,9 @@ class LazyAdam(Optimizer):
         return state
 
 
+DENSE_STEP_FRACTION = 0.9
+"""Touched share of the latents from which a step runs dense Adam: gathering the
+rows costs more than updating them all from about 60% (benchmarks/README.md)."""
 LATENT_AXES = (1, 0, 0)
 """The latent axis of W_enc [d_in, d_sae], W_dec [d_sae, d_in] and b_enc [d_sae]."""
 
@@ -194,8 +197,17 @@ def lazy_adam_rows(
     weight_and_moments: list[torch.Tensor],  # [d_sae, ...] each, by latent
     steps: torch.Tensor,  # [d_sae] float32, each latent's own step count
     group: dict[str, Any],
+    dense: bool = False,
 ) -> None:
-    """PyTorch's Adam update, on the gradient's latents only, with per-latent steps."""
+    """PyTorch's Adam update, on the gradient's latents only, with per-latent steps.
+
+    Gathers the touched rows, updates them and scatters them back. With `dense`
+    (a step touching nearly every latent: `TouchedGradients.dense_step`) it runs
+    dense Adam instead, faster there.
+    """
+    if dense:
+        _dense_adam_rows(gradient, weight_and_moments, steps, group)
+        return
     latents, grad = gradient
     weight, exp_avg, exp_avg_sq = weight_and_moments
     beta1, beta2 = group["betas"]
@@ -214,14 +226,72 @@ def lazy_adam_rows(
     weight.index_add_(0, latents, update, alpha=-group["lr"])
 
 
+def _dense_adam_rows(
+    gradient: LatentRows,
+    weight_and_moments: list[torch.Tensor],
+    steps: torch.Tensor,
+    group: dict[str, Any],
+) -> None:
+    """Adam over every row, untouched ones with a zero gradient (their moments decay
+    and they move by their momentum, as with dense Adam); every latent's step
+    advances. PyTorch's (fused) Adam when all latents share one step count."""
+    latents, rows = gradient
+    weight, exp_avg, exp_avg_sq = weight_and_moments
+    grad = rows.new_zeros(weight.shape).index_copy_(0, latents, rows)
+    if bool(steps.min() == steps.max()):
+        fused = group["fused"]
+        step = steps[0].clone() if fused else torch.tensor(float(steps[0]))
+        _adam([weight], [grad], [exp_avg], [exp_avg_sq], [step], group)
+        steps.add_(1)
+        return
+    steps.add_(1)
+    beta1, beta2 = group["betas"]
+    shape = (-1,) + (1,) * (grad.dim() - 1)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    step_size = group["lr"] / (1 - beta1**steps)
+    bias_correction2_sqrt = (1 - beta2**steps).sqrt_()
+    denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt.view(shape))
+    denom.add_(group["eps"])
+    weight.addcdiv_(exp_avg * step_size.view(shape), denom, value=-1)
+
+
+def _adam(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    steps: list[torch.Tensor],
+    group: dict[str, Any],
+) -> None:
+    """PyTorch's functional Adam (it advances `steps`), with `group`'s settings."""
+    beta1, beta2 = group["betas"]
+    adam(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        [],
+        steps,
+        fused=group["fused"],
+        amsgrad=False,
+        beta1=beta1,
+        beta2=beta2,
+        lr=group["lr"],
+        weight_decay=0.0,
+        eps=group["eps"],
+        maximize=False,
+    )
+
+
 def align_rows(
     parts: list[LatentRows | None],
     row_shapes: list[torch.Size],
     like: torch.Tensor,
     latents: torch.Tensor | None = None,
-) -> TouchedGradients:
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Every part's rows on `latents` (default: the union of theirs), with zero rows
-    where a part has none; `latents` must hold every part's."""
+    where a part has none; `latents` must hold every part's. (latents, rows)"""
     if latents is None:
         latents = _union([part.latents for part in parts if part is not None], like)
     rows = []
@@ -234,7 +304,7 @@ def align_rows(
             positions = torch.searchsorted(latents, part.latents)
             full.index_copy_(0, positions, part.rows.to(full.dtype))
         rows.append(full)
-    return TouchedGradients(latents, rows)
+    return latents, rows
 
 
 def _same(latents: torch.Tensor, other: torch.Tensor) -> bool:

@@ -8,10 +8,12 @@ from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.sae import TrainStepInput
 from sae_lens.training.sae_trainer import SAETrainer
 
+from saelens_moe import lazy_adam
 from saelens_moe.lazy_adam import LazyAdam, by_latent
 from saelens_moe.saes import scale_sae
 from saelens_moe.saes.moe import feature_scaling_anchors
 from saelens_moe.saes.scale_sae import ScaleTrainingSAE, ScaleTrainingSAEConfig
+from saelens_moe.saes.sparse_gradients import LatentRows
 from saelens_moe.trainer import MoESAETrainer
 
 D_IN = 16
@@ -130,8 +132,8 @@ def reference_lazy_adam(
         for latent, rows in step_grads.items():
             steps[latent] = steps.get(latent, 0) + 1
             t = steps[latent]
-            for name, g in rows.items():
-                g = g.double()
+            for name, row in rows.items():
+                g = row.double()
                 m[name][latent] = beta1 * m[name][latent] + (1 - beta1) * g
                 v[name][latent] = beta2 * v[name][latent] + (1 - beta2) * g * g
                 m_hat = m[name][latent] / (1 - beta1**t)
@@ -140,10 +142,36 @@ def reference_lazy_adam(
     return out
 
 
-def test_LazyAdam_matches_a_latent_by_latent_reference_on_partial_touches() -> None:
+def recorded_step(
+    touched: Any, names: tuple[str, ...]
+) -> dict[int, dict[str, torch.Tensor]]:
+    return {
+        int(latent): dict(zip(names, (rows[i] for rows in touched.rows), strict=True))
+        for i, latent in enumerate(touched.latents)
+    }
+
+
+def every_latent(
+    step: dict[int, dict[str, torch.Tensor]], n_latents: int
+) -> dict[int, dict[str, torch.Tensor]]:
+    """A dense step: every latent updated, untouched ones with zero gradients."""
+    zeros = {
+        name: torch.zeros_like(row) for name, row in next(iter(step.values())).items()
+    }
+    return {latent: step.get(latent, zeros) for latent in range(n_latents)}
+
+
+@pytest.mark.parametrize("dense_from", [1.1, 0.0], ids=["lazy", "dense_steps"])
+def test_LazyAdam_matches_a_latent_by_latent_reference_on_partial_touches(
+    dense_from: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lazy_adam, "DENSE_STEP_FRACTION", dense_from)
     sae = make_sae(feature_scaling=False)
     names = ("W_enc", "W_dec", "b_enc")
-    start = {name: by_latent(getattr(sae, name), int(name == "W_enc")).detach().clone() for name in names}
+    start = {
+        name: by_latent(getattr(sae, name), int(name == "W_enc")).detach().clone()
+        for name in names
+    }
     optimizer = LazyAdam(sae, lr=0.05)
     recorded: list[dict[int, dict[str, torch.Tensor]]] = []
     for step in range(4):
@@ -160,22 +188,45 @@ def test_LazyAdam_matches_a_latent_by_latent_reference_on_partial_touches() -> N
         loss.backward()
         touched = optimizer.gather()
         assert 0 < touched.latents.numel() < sae.cfg.d_sae
-        recorded.append(
-            {
-                int(latent): dict(zip(names, (rows[i] for rows in touched.rows), strict=True))
-                for i, latent in enumerate(touched.latents)
-            }
-        )
+        recorded.append(recorded_step(touched, names))
         optimizer.step()
         optimizer.zero_grad()
+    lazy = dense_from > 1
+    if not lazy:
+        recorded = [every_latent(step, sae.cfg.d_sae) for step in recorded]
     expected = reference_lazy_adam(start, recorded, lr=0.05)
     ever_touched = set().union(*recorded)
     for name in names:
         actual = by_latent(getattr(sae, name), int(name == "W_enc")).detach()
-        torch.testing.assert_close(actual.double(), expected[name], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(
+            actual.double(), expected[name], atol=1e-6, rtol=1e-5
+        )
         untouched = [j for j in range(sae.cfg.d_sae) if j not in ever_touched]
-        assert untouched
+        assert bool(untouched) == lazy
         assert torch.equal(actual[untouched], start[name][untouched])
+
+
+def test_a_dense_step_after_lazy_ones_keeps_each_latents_own_step_count() -> None:
+    n_latents, d = 20, 4
+    start = torch.randn(n_latents, d)
+    weight = start.clone()
+    exp_avg, exp_avg_sq = torch.zeros(n_latents, d), torch.zeros(n_latents, d)
+    steps = torch.zeros(n_latents)
+    group = {"lr": 0.1, "betas": (0.9, 0.999), "eps": 1e-8, "fused": None}
+    lazy_step = LatentRows(torch.tensor([1, 5]), torch.randn(2, d))
+    all_but_7 = torch.tensor([j for j in range(n_latents) if j != 7])  # 95%: dense
+    dense_step = LatentRows(all_but_7, torch.randn(n_latents - 1, d))
+    history = []
+    for gradient in (lazy_step, dense_step):
+        dense = gradient.latents.numel() >= 0.9 * n_latents
+        moments = [weight, exp_avg, exp_avg_sq]
+        lazy_adam.lazy_adam_rows(gradient, moments, steps, group, dense)
+        rows = dict(zip(gradient.latents.tolist(), gradient.rows, strict=True))
+        history.append({j: {"w": row} for j, row in rows.items()})
+    history[1] = every_latent(history[1], n_latents)
+    expected = reference_lazy_adam({"w": start}, history, lr=0.1)
+    assert steps.tolist() == [1 + (j in (1, 5)) for j in range(n_latents)]
+    torch.testing.assert_close(weight.double(), expected["w"], atol=1e-6, rtol=1e-5)
 
 
 def test_LazyAdam_takes_dense_gradients_from_paths_that_do_not_collect_rows(
