@@ -42,7 +42,17 @@ import psutil
 import torch
 from sae_lens.saes.sae import TrainingSAE, TrainStepInput
 from sae_lens.training.sae_trainer import SAETrainer
-from throughput import FULL, QUICK, Candidate, Sizes, build, machine, trainer_for
+from throughput import (
+    FULL,
+    QUICK,
+    Candidate,
+    Sizes,
+    build,
+    machine,
+    trainer_for,
+    zipf_draws,
+    zipf_input,
+)
 from torch.profiler import ProfilerActivity, profile
 
 from saelens_moe import ScaleTrainingSAE, ScaleTrainingSAEConfig
@@ -52,7 +62,6 @@ from saelens_moe.trainer import MoESAETrainer
 WIDTHS = [24576, 98304, 196608, 393216, 786432]
 QUICK_WIDTHS = [1024, 4096]
 N_EXPERTS, N_ACTIVE = 64, 2
-ZIPF_FEATURES = 16384
 RESULTS = Path(__file__).parent / "results"
 MATMUL_OPS = (
     "aten::mm",
@@ -99,21 +108,6 @@ def scale_sae(sizes: Sizes, d_sae: int, n_experts: int) -> ScaleTrainingSAE:
 
 def uniform_input(sizes: Sizes) -> torch.Tensor:
     return torch.randn(sizes.batch, sizes.d_in)
-
-
-def zipf_input(sizes: Sizes, n_features: int = ZIPF_FEATURES) -> torch.Tensor:
-    """Tokens summing k random unit directions drawn with probability ~ 1/rank."""
-    directions = torch.nn.functional.normalize(
-        torch.randn(n_features, sizes.d_in), dim=-1
-    )
-    drawn = zipf_draws(n_features, sizes.batch * sizes.k).view(sizes.batch, sizes.k)
-    magnitudes = torch.rand(sizes.batch, sizes.k) + 0.5
-    return torch.einsum("tk,tkd->td", magnitudes, directions[drawn])
-
-
-def zipf_draws(n_items: int, n_draws: int) -> torch.Tensor:
-    weights = 1.0 / torch.arange(1, n_items + 1, dtype=torch.float64)
-    return torch.multinomial(weights, n_draws, replacement=True)
 
 
 def touched_fraction(sae: ScaleTrainingSAE, x: torch.Tensor) -> float:

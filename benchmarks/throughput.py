@@ -469,8 +469,10 @@ def scaling_curve_in_subprocess(
 STEP_CURVE_WIDTHS = [2**16, 2**17, 2**18, 2**19]
 STEP_CURVE_BLOCK = 512
 """Latents per expert in the step curve (with e = SCALING_E: e*m = 1024)."""
-STEP_CURVE_ROWS = ("scale", "scale-lazy", "scale-fused", "topk")
-"""SAELens's dense step, lazy Adam, our fused Adam, and SAELens TopK."""
+STEP_CURVE_ROWS = ("scale", "scale-lazy", "scale-lazy-zipf", "scale-fused", "topk")
+"""SAELens's dense step, lazy Adam (on uniform and on Zipf-firing input), our fused
+Adam, and SAELens TopK."""
+ZIPF_FEATURES = 16384
 
 
 def step_curve(
@@ -498,6 +500,21 @@ def step_curve(
     return points
 
 
+def zipf_input(sizes: Sizes, n_features: int = ZIPF_FEATURES) -> torch.Tensor:
+    """Tokens summing k random unit directions drawn with probability ~ 1/rank."""
+    directions = torch.nn.functional.normalize(
+        torch.randn(n_features, sizes.d_in), dim=-1
+    )
+    drawn = zipf_draws(n_features, sizes.batch * sizes.k).view(sizes.batch, sizes.k)
+    magnitudes = torch.rand(sizes.batch, sizes.k) + 0.5
+    return torch.einsum("tk,tkd->td", magnitudes, directions[drawn])
+
+
+def zipf_draws(n_items: int, n_draws: int) -> torch.Tensor:
+    weights = 1.0 / torch.arange(1, n_items + 1, dtype=torch.float64)
+    return torch.multinomial(weights, n_draws, replacement=True)
+
+
 def _curve_sae(sizes: Sizes, name: str, d_sae: int) -> TrainingSAE[Any]:
     fields: dict[str, Any] = {"d_in": sizes.d_in, "d_sae": d_sae, "k": sizes.k}
     if name == "topk":
@@ -523,7 +540,10 @@ def _median_step(
 ) -> float | None:
     if _step_bytes(sizes, name, d_sae) > 0.8 * psutil.virtual_memory().available:
         return None
-    optimizer = {"scale-lazy": "lazy", "scale-fused": "fused"}.get(name, "saelens")
+    optimizer = {"scale-lazy": "lazy", "scale-lazy-zipf": "lazy"}.get(name, "saelens")
+    optimizer = "fused" if name == "scale-fused" else optimizer
+    if name.endswith("-zipf"):
+        x = zipf_input(sizes)
     trainer = trainer_for(_curve_sae(sizes, name, d_sae), x, optimizer=optimizer)
     times = [timed(partial(trainer.step, x)) for _ in range(reps + 1)]
     return statistics.median(times[1:])
@@ -537,11 +557,12 @@ def _floor_s(sizes: Sizes, d_sae: int, x: torch.Tensor, reps: int) -> float:
 
     def floor() -> None:
         with torch.no_grad():
-            x @ sae.W_router
+            torch.mm(x, sae.W_router)
             selected_expert_matmuls(x, experts, sae.W_enc, n_experts)
             sae.W_dec.sum()
 
-    return statistics.median(timed(floor) for _ in range(reps + 1))
+    times = [timed(floor) for _ in range(reps + 1)]
+    return statistics.median(times[1:])
 
 
 def step_curve_markdown(points: list[dict[str, float | None]]) -> str:
@@ -550,11 +571,13 @@ def step_curve_markdown(points: list[dict[str, float | None]]) -> str:
         "N",
         "SAELens step s",
         "lazy step s",
+        "lazy step s (Zipf input)",
         "fused step s",
         "TopK step s",
         "floor s",
         "lazy vs SAELens step",
         "lazy / floor",
+        "lazy (Zipf) / floor",
     ]
     lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
     for point in points:
@@ -568,6 +591,8 @@ def step_curve_markdown(points: list[dict[str, float | None]]) -> str:
         cells.append("-" if floor is None else f"{floor:.3f}")
         cells.append("-" if dense is None or lazy is None else f"{dense / lazy:.2f}x")
         cells.append("-" if lazy is None or floor is None else f"{lazy / floor:.2f}x")
+        zipf = point["scale-lazy-zipf_step_s"]
+        cells.append("-" if zipf is None or floor is None else f"{zipf / floor:.2f}x")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
