@@ -34,8 +34,6 @@ from saelens_moe.saes.sparse_gradients import (
     sum_by_latent,
 )
 
-DENSE_GROUP, LATENT_GROUP = 0, 1
-
 
 class TouchedGradients(NamedTuple):
     """One step's gradient of the expert weights, on the latents it touched."""
@@ -78,11 +76,16 @@ class LazyAdam(Optimizer):
         fused: bool | None = None,
     ) -> None:
         named = dict(sae.named_parameters())
-        latent = [named[name] for name in EXPERT_ROW_PARAMETERS]
-        dense = [p for name, p in named.items() if name not in EXPERT_ROW_PARAMETERS]
         defaults = {"lr": lr, "betas": betas, "eps": eps, "fused": fused}
-        groups: list[dict[str, Any]] = [{"params": dense}, {"params": latent}]
-        super().__init__(groups, defaults)
+        # one group, as SAELens's Adam: a resumed SAELens run loads this state into
+        # the trainer it builds first (and ours loads it again)
+        super().__init__([{"params": list(named.values())}], defaults)
+        self.latent_params = [named[name] for name in EXPERT_ROW_PARAMETERS]
+        """W_enc, W_dec and b_enc: updated on touched latents."""
+        self.dense_params = [
+            p for name, p in named.items() if name not in EXPERT_ROW_PARAMETERS
+        ]
+        """The router, b_dec, omega, W_lowpass: PyTorch's Adam."""
         self.gradients = SparseExpertGradients()
         self.touched: TouchedGradients | None = None
         """This step's gradient rows, from `gather()` until `step()`."""
@@ -93,7 +96,7 @@ class LazyAdam(Optimizer):
     def gather(self) -> TouchedGradients:
         """This step's touched latents and rows, from the collector and from any
         dense gradient an expert weight received (which is then cleared)."""
-        parameters = self.param_groups[LATENT_GROUP]["params"]
+        parameters = self.latent_params
         parts = [
             _with_dense_gradient(self.gradients.take(name), parameter, axis)
             for name, parameter, axis in zip(
@@ -109,19 +112,15 @@ class LazyAdam(Optimizer):
         self.touched = TouchedGradients(latents, rows, latents.numel() / n_latents)
         return self.touched
 
-    def dense_gradients(self) -> list[torch.Tensor]:
-        """Gradients of the weights Adam updates densely (those that got one)."""
-        params = self.param_groups[DENSE_GROUP]["params"]
-        return [p.grad for p in params if p.grad is not None]
-
     @override
     @torch.no_grad()
     def step(self, closure: None = None) -> None:  # pyright: ignore[reportIncompatibleMethodOverride]
         """Adam on the dense weights; lazy Adam on the touched latents."""
         del closure
         touched = self.touched if self.touched is not None else self.gather()
-        self._dense_step(self.param_groups[DENSE_GROUP])
-        self._latent_step(self.param_groups[LATENT_GROUP], touched)
+        group = self.param_groups[0]
+        self._dense_step(group)
+        self._latent_step(group, touched)
         self.touched = None
 
     @override
@@ -131,13 +130,18 @@ class LazyAdam(Optimizer):
         self.touched = None
 
     def _dense_step(self, group: dict[str, Any]) -> None:
-        params = [p for p in group["params"] if p.grad is not None]
+        params: list[torch.Tensor] = []
+        grads: list[torch.Tensor] = []
+        for parameter in self.dense_params:
+            if parameter.grad is not None:
+                params.append(parameter)
+                grads.append(parameter.grad)
         if not params:
             return
         states = [self._dense_state(p, group) for p in params]
         _adam(
             params,
-            [p.grad for p in params],
+            grads,
             [state["exp_avg"] for state in states],
             [state["exp_avg_sq"] for state in states],
             [state["step"] for state in states],
@@ -159,9 +163,8 @@ class LazyAdam(Optimizer):
         latents = touched.latents
         if latents.numel() == 0:
             return
-        params = group["params"]
         for parameter, grad, axis in zip(
-            params, touched.rows, LATENT_AXES, strict=True
+            self.latent_params, touched.rows, LATENT_AXES, strict=True
         ):
             state = self._latent_state(parameter, axis)
             lazy_adam_rows(

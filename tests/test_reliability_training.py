@@ -2,7 +2,8 @@
 precision and devices, router collapse."""
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from saelens_moe.router_health import (
     RouterCollapseWarning,
     expert_usage_monitor,
 )
+from saelens_moe.trainer import MoESAETrainingRunner
 from tests.helpers import build_tiny_gpt2, build_token_dataset
 from tests.reliability_runs import (
     CONTEXT,
@@ -134,28 +136,36 @@ def test_runner_stops_on_nan_activations_and_its_checkpoint_loads(
 # ---------------------------------------------------------------------- resume
 
 
+RUNNERS: dict[str, Callable[..., LanguageModelSAETrainingRunner]] = {
+    "saelens": LanguageModelSAETrainingRunner,
+    "fused_adam": MoESAETrainingRunner,
+    "lazy_adam": partial(MoESAETrainingRunner, lazy_adam=True),
+}
+
+
 def run_to_end(
-    tmp_path: Path, model: torch.nn.Module, **overrides: Any
+    tmp_path: Path, model: torch.nn.Module, runner: str = "saelens", **overrides: Any
 ) -> LanguageModelSAETrainingRunner:
     torch.manual_seed(0)
-    runner = LanguageModelSAETrainingRunner(
+    training = RUNNERS[runner](
         runner_config(tmp_path, n_steps=10, **overrides),
         override_dataset=build_token_dataset(n_rows=512, context_size=CONTEXT),
         override_model=model,
     )
-    runner.run()
-    return runner
+    training.run()
+    return training
 
 
+@pytest.mark.parametrize("runner", list(RUNNERS))
 def test_resumed_run_ends_with_exactly_the_uninterrupted_weights(
-    tmp_path: Path,
+    runner: str, tmp_path: Path
 ) -> None:
     model = build_tiny_gpt2()
-    full = run_to_end(tmp_path / "full", model, n_checkpoints=1)
+    full = run_to_end(tmp_path / "full", model, runner, n_checkpoints=1)
     [checkpoint] = checkpoint_folders(Path(full.cfg.checkpoint_path))
     torch.manual_seed(123)  # a different seed: nothing may depend on the RNG
     resumed = run_to_end(
-        tmp_path / "resumed", model, resume_from_checkpoint=str(checkpoint)
+        tmp_path / "resumed", model, runner, resume_from_checkpoint=str(checkpoint)
     )
     assert_same(snapshot(resumed.sae), snapshot(full.sae))
 
