@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Generator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -33,6 +34,7 @@ from sae_lens.synthetic import (
     SyntheticSAERunnerConfig,
     ZipfianFiringProbabilityConfig,
     eval_sae_on_synthetic_data,
+    synthetic_sae_runner,
 )
 from tqdm.auto import tqdm
 from typing_extensions import override
@@ -44,6 +46,7 @@ from saelens_moe.metrics import (
     feature_trees,
 )
 from saelens_moe.plots import ParetoPoint, plot_pareto
+from saelens_moe.trainer import MoESAETrainer
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,9 @@ class Variant:
     """Training-config fields beyond d_in, d_sae and k (n_experts is added for MoE)."""
     runner_options: dict[str, Any] = field(default_factory=dict[str, Any])
     """`SyntheticSAERunnerConfig` fields (lr schedule, dead_feature_window, ...)."""
+    lazy_adam: bool = False
+    """Train with `saelens_moe.trainer.MoESAETrainer`'s lazy Adam instead of
+    SAELens's trainer and Adam."""
 
 
 def quickstart_variants() -> list[Variant]:
@@ -266,8 +272,26 @@ def train_variant(
         prepare(runner.sae)
     torch.manual_seed(seed)
     start = time.perf_counter()
-    result = runner.run()
+    with _trainer_of(variant):
+        result = runner.run()
     return result.sae, time.perf_counter() - start
+
+
+@contextmanager
+def _trainer_of(variant: Variant) -> Generator[None]:
+    """`SyntheticSAERunner.run` builds SAELens's `SAETrainer` by name, with no way to
+    pass another: for a lazy-Adam variant, that name means `MoESAETrainer` with
+    lazy Adam while the run lasts."""
+    if not variant.lazy_adam:
+        yield
+        return
+    module = synthetic_sae_runner
+    saelens_trainer = module.SAETrainer
+    module.SAETrainer = partial(MoESAETrainer, True, False)  # pyright: ignore[reportAttributeAccessIssue]
+    try:
+        yield
+    finally:
+        module.SAETrainer = saelens_trainer
 
 
 def evaluate_variant(

@@ -31,7 +31,7 @@ from saelens_moe.saes.sparse_gradients import (
     EXPERT_ROW_PARAMETERS,
     LatentRows,
     SparseExpertGradients,
-    sum_by_latent,
+    sum_parts,
 )
 
 
@@ -212,10 +212,40 @@ def lazy_adam_rows(
         _dense_adam_rows(gradient, weight_and_moments, steps, group)
         return
     latents, grad = gradient
-    weight, exp_avg, exp_avg_sq = weight_and_moments
-    beta1, beta2 = group["betas"]
     latent_steps = steps.index_select(0, latents).add_(1)
     steps.index_copy_(0, latents, latent_steps)
+    block = _rows_per_block(grad)
+    for start in range(0, latents.shape[0], block):
+        rows = slice(start, start + block)
+        _adam_on_rows(
+            LatentRows(latents[rows], grad[rows]),
+            weight_and_moments,
+            latent_steps[rows],
+            group,
+        )
+
+
+BLOCK_BYTES = 4 * 1024**2
+"""Rows of gradient a CPU updates at a time: the update's temporaries then stay in
+cache (1.5-2x faster at 100k rows of 768 here); GPUs take every row at once."""
+
+
+def _rows_per_block(grad: torch.Tensor) -> int:
+    if grad.device.type != "cpu":
+        return max(1, grad.shape[0])
+    row_bytes = grad[:1].numel() * grad.element_size()
+    return max(1, BLOCK_BYTES // max(1, row_bytes))
+
+
+def _adam_on_rows(
+    gradient: LatentRows,
+    weight_and_moments: list[torch.Tensor],
+    latent_steps: torch.Tensor,  # [n], already advanced
+    group: dict[str, Any],
+) -> None:
+    latents, grad = gradient
+    weight, exp_avg, exp_avg_sq = weight_and_moments
+    beta1, beta2 = group["betas"]
     shape = (-1,) + (1,) * (grad.dim() - 1)
     bias_correction1 = (1 - beta1**latent_steps).view(shape)
     bias_correction2_sqrt = (1 - beta2**latent_steps).sqrt_().view(shape)
@@ -349,7 +379,4 @@ def _with_dense_gradient(
     dense = LatentRows(latents, rows.index_select(0, latents))
     if collected is None:
         return dense
-    return sum_by_latent(
-        torch.cat([collected.latents, dense.latents]),
-        torch.cat([collected.rows.to(dense.rows.dtype), dense.rows]),
-    )
+    return sum_parts([dense, collected])

@@ -161,11 +161,16 @@ def every_latent(
     return {latent: step.get(latent, zeros) for latent in range(n_latents)}
 
 
-@pytest.mark.parametrize("dense_from", [1.1, 0.0], ids=["lazy", "dense_steps"])
+@pytest.mark.parametrize(
+    ("dense_from", "block_bytes"),
+    [(1.1, 2**20), (1.1, 3 * 4 * D_IN), (0.0, 2**20)],
+    ids=["lazy", "lazy_in_blocks_of_3_rows", "dense_steps"],
+)
 def test_LazyAdam_matches_a_latent_by_latent_reference_on_partial_touches(
-    dense_from: float, monkeypatch: pytest.MonkeyPatch
+    dense_from: float, block_bytes: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(lazy_adam, "DENSE_STEP_FRACTION", dense_from)
+    monkeypatch.setattr(lazy_adam, "BLOCK_BYTES", block_bytes)
     sae = make_sae(feature_scaling=False)
     names = ("W_enc", "W_dec", "b_enc")
     start = {

@@ -39,7 +39,7 @@ class SparseExpertGradients:
         self._parts: defaultdict[str, list[LatentRows]] = defaultdict(list)
 
     def add(self, name: str, latents: torch.Tensor, rows: torch.Tensor) -> None:
-        """Add `rows` [n, ...] to the gradient of weight `name` at `latents` [n]."""
+        """Add `rows` [n, ...] to the gradient of weight `name` at `latents` [n] (unique)."""
         self._parts[name].append(LatentRows(latents, rows))
 
     def take(self, name: str) -> LatentRows | None:
@@ -48,25 +48,32 @@ class SparseExpertGradients:
         Forgets them, so the next step starts empty.
         """
         parts = self._parts.pop(name, [])
-        if not parts:
-            return None
-        if len(parts) == 1 and _is_sorted_unique(parts[0].latents):
-            return parts[0]
-        return sum_by_latent(
-            torch.cat([part.latents for part in parts]),
-            torch.cat([part.rows for part in parts]),
-        )
+        return sum_parts(parts) if parts else None
 
     def clear(self) -> None:
         """Forget every row added (the step was abandoned)."""
         self._parts.clear()
 
 
-def sum_by_latent(latents: torch.Tensor, rows: torch.Tensor) -> LatentRows:
-    """Rows [n, ...] at possibly repeated `latents` [n], summed per latent."""
-    unique, inverse = torch.unique(latents, sorted=True, return_inverse=True)
-    summed = rows.new_zeros(unique.shape[0], *rows.shape[1:])
-    return LatentRows(unique, summed.index_add_(0, inverse, rows))
+def sum_parts(parts: list[LatentRows]) -> LatentRows:
+    """Rows given at several sets of latents (each set unique), summed per latent.
+
+    The parts' rows are fresh tensors of a backward pass: the first may be summed into.
+    """
+    latents = torch.cat([part.latents for part in parts]).unique(sorted=True)
+    first, *others = parts
+    if torch.equal(first.latents, latents):
+        summed = first.rows
+    else:
+        summed = first.rows.new_zeros(latents.shape[0], *first.rows.shape[1:])
+        summed.index_add_(0, torch.searchsorted(latents, first.latents), first.rows)
+    for part in others:
+        if torch.equal(part.latents, latents):
+            summed.add_(part.rows.to(summed.dtype))
+        else:
+            positions = torch.searchsorted(latents, part.latents)
+            summed.index_add_(0, positions, part.rows.to(summed.dtype))
+    return LatentRows(latents, summed)
 
 
 def weighted_row_sums(
@@ -157,7 +164,3 @@ def norms_with_rows(
     norms = _NormsWithRows.apply(W_dec, gradients)
     assert isinstance(norms, torch.Tensor)
     return norms
-
-
-def _is_sorted_unique(latents: torch.Tensor) -> bool:
-    return latents.numel() < 2 or bool((latents[1:] > latents[:-1]).all())
