@@ -259,3 +259,24 @@ def test_LazyAdam_takes_dense_gradients_from_paths_that_do_not_collect_rows(
     assert torch.equal(collected.latents, from_dense.latents)
     for ours, theirs in zip(collected.rows, from_dense.rows, strict=True):
         torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+
+
+def test_lazy_adam_trains_a_compiled_forward_pass_as_an_eager_one() -> None:
+    """SAELens's compile_sae compiles training_forward_pass; the sparse-gradient
+    functions run eagerly inside it (graph breaks), with the same result."""
+    sae = make_sae()
+    eager = copy.deepcopy(sae)
+    batch = torch.randn(32, D_IN)
+    trainers = [
+        MoESAETrainer(
+            lazy_adam=True,
+            cfg=trainer_config(batch),
+            sae=s,
+            data_provider=batches(batch),
+        )
+        for s in (sae, eager)
+    ]
+    sae.training_forward_pass = torch.compile(sae.training_forward_pass)  # pyright: ignore[reportAttributeAccessIssue]
+    for trainer in trainers:
+        train(trainer, batch, 3)
+    assert_same_weights(sae, eager, atol=1e-6)

@@ -14,7 +14,7 @@ float64) is turned into rows by `LazyAdam`, so the rows are the same either way.
 
 from collections import defaultdict
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -121,7 +121,7 @@ class _CollectRows(torch.autograd.Function):
         return grad, None, None, None
 
 
-def collect_rows(
+def _collect_rows(
     output: torch.Tensor,
     gradients: SparseExpertGradients,
     name: str,
@@ -131,6 +131,13 @@ def collect_rows(
     collected = _CollectRows.apply(output, gradients, name, rows_of)
     assert isinstance(collected, torch.Tensor)
     return collected
+
+
+# the backward hands rows to a Python object: eager only (a graph break under compile)
+collect_rows: Callable[
+    [torch.Tensor, SparseExpertGradients, str, Callable[[torch.Tensor], LatentRows]],
+    torch.Tensor,
+] = cast(Any, torch.compiler.disable(_collect_rows))
 
 
 class _NormsWithRows(torch.autograd.Function):
@@ -157,10 +164,15 @@ class _NormsWithRows(torch.autograd.Function):
         return None, None
 
 
-def norms_with_rows(
+def _norms_with_rows(
     W_dec: torch.Tensor, gradients: SparseExpertGradients
 ) -> torch.Tensor:
     """||W_dec[j]|| for every latent; backward adds rows to `gradients`. [d_sae]"""
     norms = _NormsWithRows.apply(W_dec, gradients)
     assert isinstance(norms, torch.Tensor)
     return norms
+
+
+norms_with_rows: Callable[[torch.Tensor, SparseExpertGradients], torch.Tensor] = cast(
+    Any, torch.compiler.disable(_norms_with_rows)
+)

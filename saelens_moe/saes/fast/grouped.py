@@ -19,8 +19,9 @@ which of these paths a device, dtype and GPU take; the SAE warns once
 """
 
 import warnings
+from collections.abc import Callable
 from functools import cache
-from typing import Any, Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 import torch
 import torch.nn.functional as F
@@ -125,11 +126,32 @@ def selected_expert_matmuls(
         blocks = W_enc.view(W_enc.shape[0], n_experts, block_size).permute(1, 0, 2)
         grouped_out = grouped_mm(grouped_in, blocks, group_ends)  # [pairs, m]
     else:
-        grouped_out = _GroupedMMWithSparseGradients.apply(
+        grouped_out = _grouped_mm_with_sparse_gradients(
             grouped_in, W_enc.detach(), group_ends, pair_experts, gradients
         )
     pair_out = torch.empty_like(grouped_out).index_copy(0, pair_order, grouped_out)
     return pair_out.view(n_tokens, n_active, block_size)
+
+
+def _sparse_gradient_grouped_mm(
+    grouped_in: torch.Tensor,
+    W_enc: torch.Tensor,
+    group_ends: torch.Tensor,
+    pair_experts: torch.Tensor,
+    gradients: SparseExpertGradients,
+) -> torch.Tensor:
+    output = _GroupedMMWithSparseGradients.apply(
+        grouped_in, W_enc, group_ends, pair_experts, gradients
+    )
+    assert isinstance(output, torch.Tensor)
+    return output
+
+
+# its backward hands rows to a Python object: eager only (a graph break under compile)
+_grouped_mm_with_sparse_gradients: Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, SparseExpertGradients],
+    torch.Tensor,
+] = cast(Any, torch.compiler.disable(_sparse_gradient_grouped_mm))
 
 
 class _GroupedMMWithSparseGradients(torch.autograd.Function):
@@ -151,7 +173,7 @@ class _GroupedMMWithSparseGradients(torch.autograd.Function):
         blocks = W_enc.view(W_enc.shape[0], n_experts, -1).permute(1, 0, 2)
         ctx.save_for_backward(grouped_in, W_enc, pair_experts)
         ctx.gradients = gradients
-        return F.grouped_mm(grouped_in, blocks, offs=group_ends)  # [pairs, m]
+        return grouped_mm(grouped_in, blocks, group_ends)  # [pairs, m]
 
     @staticmethod
     def backward(  # pyright: ignore[reportIncompatibleMethodOverride]
