@@ -467,8 +467,36 @@ def redundancy(size: BenchmarkSize, shard: Shard) -> None:
     run_points("redundancy", variants, (2, 32), 0, sized, shard)
 
 
+def optimizer(size: BenchmarkSize, shard: Shard) -> None:
+    """Scale e=2 with SAELens's Adam and with lazy Adam at K 8 and 32, seed 0, then
+    seeds 1 and 2 at K=8: is lazy Adam's quality within seed noise?"""
+    run_points("optimizer", optimizer_variants(), (8, 32), 0, size, shard)
+    for seed in EXTRA_SEEDS_AT_K8:
+        run_points("optimizer", optimizer_variants(), (8,), seed, size, shard)
+    for seed in (0, *EXTRA_SEEDS_AT_K8):  # is the gap Feature Scaling's dropped term?
+        run_points("optimizer", optimizer_variants(False), (8,), seed, size, shard)
+
+
+def optimizer_variants(feature_scaling: bool = True) -> list[Variant]:
+    options: dict[str, Any] = {"n_active_experts": 2}
+    name = "scale e=2"
+    if not feature_scaling:
+        options["feature_scaling"] = False
+        name += " feature scaling off"
+    return [
+        Variant(name, "scale", options),
+        Variant(f"{name} lazy adam", "scale", options, lazy_adam=True),
+    ]
+
+
 LONG_VARIANTS = ("switch", "scale e=2", "scale e=4")
-STUDIES.update(sweep=sweep, tokens=tokens, redundancy=redundancy, ablations=ablations)
+STUDIES.update(
+    sweep=sweep,
+    tokens=tokens,
+    redundancy=redundancy,
+    ablations=ablations,
+    optimizer=optimizer,
+)
 
 
 # --------------------------------------------------------------------------- output
@@ -741,10 +769,36 @@ def write_report() -> None:
             "## Earlier ablations (K=8, seed 0, 500k tokens, decoder_init_norm 0.1)",
             detail_table(earlier),
         ]
+    optimizer_rows = _rows("optimizer", REALISTIC.training_samples)
+    if optimizer_rows:
+        parts += [
+            "## SAELens's Adam and lazy Adam (Scale e=2, 1M tokens)",
+            optimizer_table(optimizer_rows),
+        ]
     extra = _rows("moex")  # measured with an experimental router, since removed
     if extra:
         parts += ["## MoE-X routing (K=8, seed 0; code removed)", detail_table(extra)]
     MD_PATH.write_text("\n\n".join(parts) + "\n")
+
+
+def optimizer_table(entries: Sequence[dict[str, Any]]) -> str:
+    """Per optimizer and K: explained variance, MCC and dead latents over seeds."""
+    lines = [
+        "| variant | K | seeds | explained variance | MCC | dead latents |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in dict.fromkeys(e["name"] for e in entries):
+        for k in sorted({e["k"] for e in entries}):
+            rows = _by(entries, name, k)
+            if not rows:
+                continue
+            seeds = ",".join(str(r["seed"]) for r in rows)
+            cells = [
+                _mean([r[key] for r in rows])
+                for key in ("explained_variance", "mcc", "dead_latents")
+            ]
+            lines.append(f"| {name} | {k} | {seeds} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _token_rows() -> list[dict[str, Any]]:

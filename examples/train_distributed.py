@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
+from sae_lens import LanguageModelSAERunnerConfig
 from torch.distributed.elastic.multiprocessing.errors import record
 from train_gpt2_layer8 import (
     PAPER,
@@ -37,6 +37,7 @@ from saelens_moe.distributed import (
     DistributedSAETrainingRunner,
     join_process_group,
 )
+from saelens_moe.trainer import MoESAETrainingRunner
 
 
 def smoke_tokens_setting() -> Setting:
@@ -76,6 +77,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="each process holds n_experts / nproc experts (default: data parallel)",
     )
     parser.add_argument("--collective_timeout_s", type=float, default=DEFAULT_TIMEOUT_S)
+    parser.add_argument(
+        "--lazy_adam",
+        action="store_true",
+        help="update only the latents each step touched (pays from ~1e5 latents)",
+    )
     parser.add_argument("--output_path", type=Path, default=Path("output/gpt2-l8-dp"))
     parser.add_argument("--checkpoint_path", default=None)
     parser.add_argument("--n_checkpoints", type=int, default=0)
@@ -93,9 +99,12 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
     overrides = local_overrides(setting, args.smoke)
     cfg = runner_config(setting, args)
     if parallel is None:
-        LanguageModelSAETrainingRunner(cfg, **overrides).run()
+        MoESAETrainingRunner(cfg, lazy_adam=args.lazy_adam, **overrides).run()
     else:
-        DistributedSAETrainingRunner(cfg, parallel, **overrides).run()
+        runner = DistributedSAETrainingRunner(
+            cfg, parallel, lazy_adam=args.lazy_adam, **overrides
+        )
+        runner.run()
         if parallel.rank != 0:
             return None
     push_if_asked(setting, args)

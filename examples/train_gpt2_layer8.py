@@ -41,13 +41,13 @@ from typing import Any, NamedTuple
 import torch
 from sae_lens import (
     LanguageModelSAERunnerConfig,
-    LanguageModelSAETrainingRunner,
     LoggingConfig,
 )
 
 from saelens_moe import ScaleTrainingSAEConfig
 from saelens_moe.hub import push_to_hub
 from saelens_moe.presets import paper_lr
+from saelens_moe.trainer import MoESAETrainingRunner
 
 
 class Setting(NamedTuple):
@@ -176,6 +176,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="AuxK weight; the paper uses none (0)",
     )
     parser.add_argument("--output_path", type=Path, default=None)
+    parser.add_argument(
+        "--lazy_adam",
+        action="store_true",
+        help="update only the latents each step touched (pays from ~1e5 latents)",
+    )
     add_common_flags(parser)
     args = parser.parse_args(argv)
     if args.output_path is None:
@@ -209,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     setting = smoke_setting() if args.smoke else PAPER
     overrides = local_overrides(setting, args.smoke)
     cfg = runner_config(setting, args)
-    LanguageModelSAETrainingRunner(cfg, **overrides).run()
+    MoESAETrainingRunner(cfg, lazy_adam=args.lazy_adam, **overrides).run()
     push_if_asked(setting, args)
     print(f"Saved the Scale SAE to {args.output_path}")
     return args.output_path

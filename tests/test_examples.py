@@ -4,12 +4,14 @@ import importlib
 import json
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
 from sae_lens import SAE
 
 from saelens_moe import ScaleSAE
+from saelens_moe.lazy_adam import LazyAdam
 from tests.helpers import FakeHub
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -156,3 +158,29 @@ def test_analyze_smoke_shows_routing_and_latents_of_the_selected_experts(
     out = capsys.readouterr().out
     assert "prompt 2:" in out
     assert "experts" in out
+
+
+def test_recipe_smoke_trains_with_lazy_adam(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recipe = example("train_gpt2_layer8", monkeypatch)
+    trained: list[object] = []
+    monkeypatch.setattr(
+        recipe.MoESAETrainingRunner,
+        "our_trainer",
+        _recording(recipe.MoESAETrainingRunner.our_trainer, trained),
+    )
+    output = recipe.main(["--smoke", "--lazy_adam", "--output_path", str(tmp_path)])
+
+    assert isinstance(SAE.load_from_disk(str(output)), ScaleSAE)
+    [trainer] = trained
+    assert isinstance(trainer.optimizer, LazyAdam)  # pyright: ignore[reportAttributeAccessIssue]
+
+
+def _recording(method: Any, into: list[object]) -> Any:
+    def record(self: Any, trainer: Any) -> Any:
+        ours = method(self, trainer)
+        into.append(ours)
+        return ours
+
+    return record

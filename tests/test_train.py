@@ -63,6 +63,19 @@ def test_parse_args_refuses_an_impossible_expert_layout() -> None:
         )
 
 
+def test_parse_args_takes_the_optimizer_flags() -> None:
+    _, defaults = parse_args(["--architecture", "scale"])
+    _, lazy = parse_args(["--architecture", "switch", "--lazy_adam", "--no_fused_adam"])
+
+    assert (defaults.lazy_adam, defaults.fused_adam) == (False, True)
+    assert (lazy.lazy_adam, lazy.fused_adam) == (True, False)
+
+
+def test_parse_args_refuses_lazy_adam_for_other_architectures() -> None:
+    with pytest.raises(ValueError, match="--lazy_adam needs --architecture scale"):
+        parse_args(["--architecture", "topk", "--lazy_adam"])
+
+
 def test_split_args_leaves_saelens_flags_alone() -> None:
     publish, rest = split_args(
         ["--push", "org/r", "--sae", "scale", "--push_sae_id", "x", "--push_private"]
