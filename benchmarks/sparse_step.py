@@ -157,16 +157,21 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def step_phases(trainer: SAETrainer[Any, Any], x: torch.Tensor) -> dict[str, float]:
-    """One step of `trainer`'s own sequence, each phase timed."""
-    sae, optimizer = trainer.sae, trainer.optimizer
-    step_input = TrainStepInput(
+def _step_input(trainer: SAETrainer[Any, Any], x: torch.Tensor) -> TrainStepInput:
+    """What the trainer's own step hands the SAE."""
+    return TrainStepInput(
         sae_in=x,
         coefficients=trainer.get_coefficients(),
         dead_neuron_mask=trainer.dead_neurons,
         n_training_steps=trainer.n_training_steps,
         is_logging_step=False,
     )
+
+
+def step_phases(trainer: SAETrainer[Any, Any], x: torch.Tensor) -> dict[str, float]:
+    """One step of `trainer`'s own sequence, each phase timed."""
+    sae, optimizer = trainer.sae, trainer.optimizer
+    step_input = _step_input(trainer, x)
     phases: dict[str, float] = {}
     start = time.perf_counter()
     loss = sae.training_forward_pass(step_input).loss
@@ -189,13 +194,7 @@ def forward_backward_ops(
     trainer: SAETrainer[Any, Any], x: torch.Tensor
 ) -> dict[str, float]:
     """Self CPU seconds of the forward and backward, by kind of op."""
-    step_input = TrainStepInput(
-        sae_in=x,
-        coefficients=trainer.get_coefficients(),
-        dead_neuron_mask=trainer.dead_neurons,
-        n_training_steps=trainer.n_training_steps,
-        is_logging_step=False,
-    )
+    step_input = _step_input(trainer, x)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         trainer.sae.training_forward_pass(step_input).loss.backward()
         if isinstance(trainer.optimizer, LazyAdam):

@@ -80,6 +80,7 @@ from saelens_moe.trainer import (
     MoESAETrainingRunner,
     scale_to_norm,
     touched_rows,
+    trainer_arguments,
 )
 
 DEFAULT_TIMEOUT_S = 600.0
@@ -566,11 +567,7 @@ class DistributedSAETrainingRunner(MoESAETrainingRunner):
             self.parallel,
             lazy_adam=self.lazy_adam,
             fused_adam=self.fused_adam,
-            cfg=trainer.cfg,
-            sae=trainer.sae,
-            data_provider=trainer.data_provider,
-            evaluator=trainer.evaluator,
-            save_checkpoint_fn=trainer.save_checkpoint_fn,
+            **trainer_arguments(trainer),
         )
 
     @override

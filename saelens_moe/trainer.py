@@ -171,14 +171,19 @@ class MoESAETrainingRunner(LanguageModelSAETrainingRunner):
     def our_trainer(self, trainer: SAETrainer[Any, Any]) -> MoESAETrainer:
         """`MoESAETrainer` in place of the `SAETrainer` SAELens's runner built."""
         return MoESAETrainer(
-            self.lazy_adam,
-            self.fused_adam,
-            cfg=trainer.cfg,
-            sae=trainer.sae,
-            data_provider=trainer.data_provider,
-            evaluator=trainer.evaluator,
-            save_checkpoint_fn=trainer.save_checkpoint_fn,
+            self.lazy_adam, self.fused_adam, **trainer_arguments(trainer)
         )
+
+
+def trainer_arguments(trainer: SAETrainer[Any, Any]) -> dict[str, Any]:
+    """What SAELens's runner built `trainer` with, to build another from."""
+    return {
+        "cfg": trainer.cfg,
+        "sae": trainer.sae,
+        "data_provider": trainer.data_provider,
+        "evaluator": trainer.evaluator,
+        "save_checkpoint_fn": trainer.save_checkpoint_fn,
+    }
 
 
 def build_optimizer(
