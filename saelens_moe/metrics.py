@@ -179,10 +179,12 @@ def redundancy_scope(
     Latents without a partner in scope (-inf) count as below every threshold and
     are left out of the mean (NaN when no latent has one).
     """
-    finite = max_cos[max_cos.isfinite()].float()
+    finite = max_cos.isfinite()
+    # no boolean indexing: its size depends on the data (meta tensors refuse it)
+    finite_sum = torch.where(finite, max_cos.float(), 0.0).sum()
     return RedundancyScope(
         {tau: (max_cos > tau).float().mean().item() for tau in thresholds},
-        finite.mean().item() if finite.numel() else float("nan"),
+        (finite_sum / finite.sum()).item(),  # 0 / 0: NaN
     )
 
 
