@@ -214,6 +214,12 @@ def validate_training_fields(cfg: Any) -> None:
         )
     _require_bool(cfg, "feature_scaling")
     _require_bool(cfg, "learn_lowpass")
+    from saelens_moe.saes.router_init import ROUTER_INITS
+
+    if cfg.router_init not in ROUTER_INITS:
+        raise ValueError(
+            f"router_init must be one of {ROUTER_INITS}, got {cfg.router_init!r}"
+        )
     validate_training_extras(cfg)
     if cfg.aux_loss_coefficient > 0 and cfg.normalize_activations in (
         "constant_norm_rescale",

@@ -1,7 +1,8 @@
 """Ready-made settings: the Scale SAE paper's own training choices (arXiv 2511.05745).
 
 The package's defaults differ from the authors' training in measured ways
-(benchmarks/README.md): AuxK revives dead latents from step 100 on. `paper_setting`
+(benchmarks/README.md): AuxK revives dead latents from step 100 on and the router
+starts from k-means centroids of the first batch. `paper_setting`
 gives the authors' choices instead, to reproduce the paper rather than our defaults:
 
     setting = paper_setting(total_training_steps=10_000, d_sae=24576, device="cuda")
@@ -41,7 +42,8 @@ def paper_lr(d_sae: int) -> float:
 def paper_setting(
     total_training_steps: int, d_sae: int = 24576, device: str = "cpu"
 ) -> PaperSetting:
-    """The authors' training: no AuxK, load balancing 3, their lr, decay over the last 20%.
+    """The authors' training: no AuxK, a random router, load balancing 3, their lr,
+    decay over the last 20%.
 
     `total_training_steps` is the run's length in steps (training tokens divided by
     the batch size); the learning rate falls linearly to 0 over its last fifth.
@@ -59,6 +61,7 @@ def paper_setting(
         "dead_latent_window": None,
         "load_balancing_coefficient": 3.0,
         "load_balancing_warm_up_steps": 0,
+        "router_init": "random",
     }
     runner = {
         "lr": paper_lr(d_sae),

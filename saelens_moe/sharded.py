@@ -37,7 +37,12 @@ from torch import nn
 
 from saelens_moe.saes.moe import FeatureScaling, fold_feature_scaling
 from saelens_moe.saes.parallel import EXPERT_PARAMETERS, Parallel, expert_slice
-from saelens_moe.saes.scale_sae import AnyScaleSAE, ScaleSAE, ScaleSAEConfig
+from saelens_moe.saes.scale_sae import (
+    AnyScaleSAE,
+    ScaleSAE,
+    ScaleSAEConfig,
+    ScaleTrainingSAE,
+)
 from saelens_moe.safetensors_stream import BlockWriter, SliceReader, read_header
 
 SHARDS_FOLDER = "expert_shards"
@@ -175,6 +180,8 @@ def load_shard(sae: AnyScaleSAE, path: Path) -> None:
             for start in range(0, n_rows, step):
                 stop = min(start + step, n_rows)
                 parameter[start:stop].copy_(reader.rows(name, start, stop))
+    if isinstance(sae, ScaleTrainingSAE):
+        sae.router_init_pending = False
 
 
 # ------------------------------------------------------------------------- export
@@ -330,6 +337,8 @@ def _assign_own_weights(sae: AnyScaleSAE, weights: Path, parallel: Parallel) -> 
         for name in reader.entries:
             tensor = _read_own(reader, name, own, n_experts, parallel)
             setattr(sae, name, nn.Parameter(tensor.to(sae.device, sae.dtype)))
+    if isinstance(sae, ScaleTrainingSAE):
+        sae.router_init_pending = False
 
 
 def _read_own(

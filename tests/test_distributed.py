@@ -507,7 +507,10 @@ def _from_pretrained_worker(parallel: Parallel, out: Path) -> None:
         override_dataset=build_token_dataset(n_rows=64, context_size=CONTEXT),
         override_model=build_tiny_gpt2(),
     )
-    torch.save(dict(runner.sae.state_dict()), out / f"rank{parallel.rank}.pt")
+    sae = runner.sae
+    assert isinstance(sae, ScaleTrainingSAE)
+    saved = {"weights": dict(sae.state_dict()), "pending": sae.router_init_pending}
+    torch.save(saved, out / f"rank{parallel.rank}.pt")
 
 
 def test_expert_parallel_training_starts_from_a_saved_sae_reading_own_slices(
@@ -518,7 +521,9 @@ def test_expert_parallel_training_starts_from_a_saved_sae_reading_own_slices(
     assert codes == [0, 0], error_of(tmp_path, 0)
     whole = load_file(tmp_path / "whole" / "sae_weights.safetensors")
     for rank in range(WORLD):
-        state = torch.load(tmp_path / f"rank{rank}.pt")
+        saved = torch.load(tmp_path / f"rank{rank}.pt")
+        assert not saved["pending"]  # training keeps the saved router
+        state = saved["weights"]
         latents = slice(rank * 128, (rank + 1) * 128)
         torch.testing.assert_close(state["W_enc"], whole["W_enc"][:, latents])
         torch.testing.assert_close(state["b_enc"], whole["b_enc"][latents])

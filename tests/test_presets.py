@@ -16,6 +16,7 @@ def test_paper_setting_turns_auxk_off_and_decays_over_the_last_fifth() -> None:
     setting = paper_setting(total_training_steps=10_000, d_sae=24576)
     assert setting.sae["aux_loss_coefficient"] == 0.0
     assert setting.sae["load_balancing_coefficient"] == 3.0
+    assert setting.sae["router_init"] == "random"
     assert setting.runner["lr_decay_steps"] == 2_000
     assert setting.runner["lr_warm_up_steps"] == 0
     assert math.isclose(setting.runner["lr"], paper_lr(24576))

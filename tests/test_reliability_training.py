@@ -257,7 +257,7 @@ def collapsed_router(sae: ScaleTrainingSAE) -> None:
 def test_router_collapse_gives_one_warning_with_the_numbers_and_metrics(
     tmp_path: Path,
 ) -> None:
-    sae = new_sae(load_balancing_coefficient=0.0)
+    sae = new_sae(load_balancing_coefficient=0.0, router_init="random")
     collapsed_router(sae)
     expert_usage_monitor(sae, n_experts=4, window_steps=3)
     trainer = make_trainer(tmp_path, sae, iter([]), n_steps=9, lr=1e-6)

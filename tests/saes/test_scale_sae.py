@@ -43,6 +43,7 @@ def make_sae(**overrides: Any) -> ScaleTrainingSAE:
         "n_active_experts": 3,
         "k": 10,
         "dtype": "float64",
+        "router_init": "random",  # the router is set by hand below
         **overrides,
     }
     sae = ScaleTrainingSAE(ScaleTrainingSAEConfig(**fields))

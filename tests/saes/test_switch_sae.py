@@ -21,7 +21,13 @@ def seed() -> None:
 
 
 def twins() -> tuple[SwitchTrainingSAE, ScaleTrainingSAE]:
-    sizes: dict[str, Any] = {"d_in": 16, "d_sae": 64, "n_experts": 8, "k": 5}
+    sizes: dict[str, Any] = {
+        "d_in": 16,
+        "d_sae": 64,
+        "n_experts": 8,
+        "k": 5,
+        "router_init": "random",  # the router is set by hand below
+    }
     switch = SwitchTrainingSAE(SwitchTrainingSAEConfig(**sizes))
     with torch.no_grad():
         for param in switch.parameters():
