@@ -35,6 +35,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -83,16 +84,41 @@ COLORS = {
     "scale e=2": "C0",
     "scale e=4": "C1",
     "scale e=8": "C2",
+    "switch k-means": "C5",
+    "scale e=2 k-means": "C6",
+    "scale e=4 k-means": "C7",
 }
+"""Plot colours, in table order; rows of other names (ideas tried and removed, see
+benchmarks/README.md) come last."""
 
 
 def study_variants() -> list[Variant]:
-    """TopK at equal width, Switch, Scale e = 2, 4, 8; package defaults throughout."""
+    """TopK at equal width, Switch, Scale e = 2, 4, 8; package defaults, with the
+    random router the grid was run with (before `router_init="kmeans"`)."""
+    random: dict[str, Any] = {"router_init": "random"}
     return [
         Variant("topk", "topk"),
-        Variant("switch", "switch"),
-        *(Variant(f"scale e={e}", "scale", {"n_active_experts": e}) for e in (2, 4, 8)),
+        Variant("switch", "switch", random),
+        *(
+            Variant(f"scale e={e}", "scale", {"n_active_experts": e, **random})
+            for e in (2, 4, 8)
+        ),
     ]
+
+
+def idea_variants() -> list[Variant]:
+    """Item 4's kept idea, a router started from k-means, against the random router,
+    for Switch and Scale e = 2 and 4."""
+    variants: list[Variant] = []
+    for name, architecture, fields in (
+        ("switch", "switch", {}),
+        ("scale e=2", "scale", {"n_active_experts": 2}),
+        ("scale e=4", "scale", {"n_active_experts": 4}),
+    ):
+        for init, suffix in (("random", ""), ("kmeans", " k-means")):
+            options = {**fields, "router_init": init}
+            variants.append(Variant(name + suffix, architecture, options))
+    return variants
 
 
 @dataclass(frozen=True)
@@ -150,6 +176,16 @@ QUICK = Study(
     2_048,
 )
 """Six SAEs on a 64-feature ground truth with 4 domains: checks the machinery."""
+IDEAS = replace(
+    GRID,
+    name="ideas",
+    strengths=(0.0, 0.9),
+    variants=tuple(idea_variants()),
+    k_values=(HEADLINE[0],),
+    n_values=(HEADLINE[1],),
+)
+"""Item 4: routers started from k-means against random ones, independent and
+clustered, seeds 0-2."""
 
 
 @dataclass(frozen=True)
@@ -436,7 +472,11 @@ def results_table(entries: Sequence[dict[str, Any]]) -> str:
             (e["strength"], e["k"], e["grid_n_experts"] or 0, e["name"]), []
         ).append(e)
     order = list(COLORS)
-    for key in sorted(groups, key=lambda g: (g[0], g[1], g[2], order.index(g[3]))):
+
+    def rank(name: str) -> tuple[int, str]:
+        return (order.index(name) if name in order else len(order), name)
+
+    for key in sorted(groups, key=lambda g: (g[0], g[1], g[2], rank(g[3]))):
         rows = groups[key]
         strength, k, n, name = key
         lines.append(
@@ -523,7 +563,10 @@ def write_report(study: Study, output_dir: Path) -> Path:
     table.write_text("\n\n".join(parts) + "\n")
     if entries:
         k, n = study.headline
-        plot_strengths(entries, path.with_suffix(".png"), k, n)
+        counts = Counter(e["tokens"] for e in entries)
+        tokens = counts.most_common(1)[0][0]
+        plotted = [e for e in entries if e["tokens"] == tokens]
+        plot_strengths(plotted, path.with_suffix(".png"), k, n)
     return table
 
 
@@ -531,6 +574,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="the six-SAE pilot")
+    parser.add_argument(
+        "--ideas", action="store_true", help="k-means routers against random ones"
+    )
+    parser.add_argument("--variants", nargs="+", default=None, help="names to run")
+    parser.add_argument("--k", type=int, nargs="+", default=None)
+    parser.add_argument("--n", type=int, nargs="+", default=None)
+    parser.add_argument(
+        "--extra-seeds", type=int, nargs="*", default=None, help="seeds beyond 0"
+    )
     parser.add_argument("--strengths", type=float, nargs="+", default=None)
     parser.add_argument("--tokens", type=int, default=None, help="training tokens")
     parser.add_argument("--threads", type=int, default=1)
@@ -546,7 +598,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def chosen_study(args: argparse.Namespace) -> Study:
     """The grid or the pilot, with the strengths and tokens asked for."""
-    study = QUICK if args.quick else GRID
+    study = QUICK if args.quick else IDEAS if args.ideas else GRID
+    if args.variants is not None:
+        unknown = set(args.variants) - {v.name for v in study.variants}
+        if unknown:
+            names = ", ".join(v.name for v in study.variants)
+            raise SystemExit(f"--variants: unknown {sorted(unknown)}; known: {names}")
+        chosen = tuple(v for v in study.variants if v.name in args.variants)
+        study = replace(study, variants=chosen)
+    if args.k is not None:
+        study = replace(study, k_values=tuple(args.k))
+    if args.n is not None:
+        study = replace(study, n_values=tuple(args.n))
+    if args.extra_seeds is not None:
+        study = replace(study, extra_seeds=tuple(args.extra_seeds))
     if args.strengths is not None:
         study = replace(study, strengths=tuple(args.strengths))
     if args.tokens is not None:

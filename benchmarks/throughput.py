@@ -64,6 +64,7 @@ from saelens_moe import (
     SwitchTrainingSAE,
     SwitchTrainingSAEConfig,
 )
+from saelens_moe.lazy_adam import LazyAdam
 from saelens_moe.saes.fast.grouped import (
     expert_matmul_path_of,
     selected_expert_matmuls,
@@ -484,7 +485,9 @@ def step_curve(
     do not interleave across rows; the first one is a warm-up. A row whose
     weights, gradients, Adam state and dense activations would not fit in 80% of
     the free memory is skipped (None). The floor: the routed encoder matmul
-    (which reads W_enc once), one read of W_dec, and the router matmul.
+    (which reads W_enc once), one read of W_dec, and the router matmul. The touched
+    floor adds what any Adam must do for the latents a lazy step touched: PyTorch's
+    fused Adam over that many W_enc and W_dec rows, held contiguous (no gathering).
     """
     torch.manual_seed(0)
     x = torch.randn(sizes.batch, sizes.d_in)
@@ -493,9 +496,19 @@ def step_curve(
         point: dict[str, float | None] = {"d_sae": d_sae}
         point["n_experts"] = d_sae // STEP_CURVE_BLOCK
         for name in STEP_CURVE_ROWS:
-            point[f"{name}_step_s"] = _median_step(sizes, name, d_sae, x, reps)
+            seconds, share = _median_step(sizes, name, d_sae, x, reps)
+            point[f"{name}_step_s"] = seconds
+            if share is not None:
+                point[f"{name}_touched_share"] = share
             gc.collect()
-        point["floor_s"] = _floor_s(sizes, d_sae, x, reps)
+        floor = point["floor_s"] = _floor_s(sizes, d_sae, x, reps)
+        for name in ("scale-lazy", "scale-lazy-zipf"):
+            share = point.get(f"{name}_touched_share")
+            point[f"{name}_touched_floor_s"] = (
+                None
+                if share is None
+                else floor + _touched_update_s(sizes, round(share * d_sae), reps)
+            )
         points.append(point)
     return points
 
@@ -537,15 +550,33 @@ def _step_bytes(sizes: Sizes, name: str, d_sae: int) -> int:
 
 def _median_step(
     sizes: Sizes, name: str, d_sae: int, x: torch.Tensor, reps: int
-) -> float | None:
+) -> tuple[float | None, float | None]:
+    """Median step seconds, and for lazy Adam the share of latents its last step
+    updated; (None, None) where the row does not fit in memory."""
     if _step_bytes(sizes, name, d_sae) > 0.8 * psutil.virtual_memory().available:
-        return None
+        return None, None
     optimizer = {"scale-lazy": "lazy", "scale-lazy-zipf": "lazy"}.get(name, "saelens")
     optimizer = "fused" if name == "scale-fused" else optimizer
     if name.endswith("-zipf"):
         x = zipf_input(sizes)
     trainer = trainer_for(_curve_sae(sizes, name, d_sae), x, optimizer=optimizer)
     times = [timed(partial(trainer.step, x)) for _ in range(reps + 1)]
+    lazy = trainer.optimizer
+    share = lazy.last_touched_share if isinstance(lazy, LazyAdam) else None
+    return statistics.median(times[1:]), share
+
+
+def _touched_update_s(sizes: Sizes, n_rows: int, reps: int) -> float:
+    """Fused Adam over `n_rows` contiguous rows of W_enc and of W_dec (and b_enc)."""
+    weights = [
+        torch.zeros(n_rows, sizes.d_in, requires_grad=True),
+        torch.zeros(n_rows, sizes.d_in, requires_grad=True),
+        torch.zeros(n_rows, requires_grad=True),
+    ]
+    for weight in weights:
+        weight.grad = torch.randn_like(weight)
+    optimizer = torch.optim.Adam(weights, lr=1e-4, fused=True)
+    times = [timed(optimizer.step) for _ in range(reps + 1)]
     return statistics.median(times[1:])
 
 
@@ -575,9 +606,11 @@ def step_curve_markdown(points: list[dict[str, float | None]]) -> str:
         "fused step s",
         "TopK step s",
         "floor s",
+        "touched floor s (uniform / Zipf)",
         "lazy vs SAELens step",
         "lazy / floor",
         "lazy (Zipf) / floor",
+        "lazy / touched floor (uniform / Zipf)",
     ]
     lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
     for point in points:
@@ -588,13 +621,27 @@ def step_curve_markdown(points: list[dict[str, float | None]]) -> str:
             "-" if point[f"{name}_step_s"] is None else f"{point[f'{name}_step_s']:.3f}"
             for name in STEP_CURVE_ROWS
         ]
+        zipf = point["scale-lazy-zipf_step_s"]
+        touched = point.get("scale-lazy_touched_floor_s")
+        touched_zipf = point.get("scale-lazy-zipf_touched_floor_s")
         cells.append("-" if floor is None else f"{floor:.3f}")
+        cells.append(f"{_seconds(touched)} / {_seconds(touched_zipf)}")
         cells.append("-" if dense is None or lazy is None else f"{dense / lazy:.2f}x")
         cells.append("-" if lazy is None or floor is None else f"{lazy / floor:.2f}x")
-        zipf = point["scale-lazy-zipf_step_s"]
         cells.append("-" if zipf is None or floor is None else f"{zipf / floor:.2f}x")
+        cells.append(f"{_ratio(lazy, touched)} / {_ratio(zipf, touched_zipf)}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> str:
+    if numerator is None or denominator is None:
+        return "-"
+    return f"{numerator / denominator:.2f}x"
 
 
 def summarise(

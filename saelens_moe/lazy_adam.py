@@ -89,6 +89,8 @@ class LazyAdam(Optimizer):
         self.gradients = SparseExpertGradients()
         self.touched: TouchedGradients | None = None
         """This step's gradient rows, from `gather()` until `step()`."""
+        self.last_touched_share: float | None = None
+        """The share of the dictionary the last `step()` updated."""
         store_by_latent(named["W_enc"])
         sae.sparse_gradients = self.gradients
 
@@ -121,6 +123,7 @@ class LazyAdam(Optimizer):
         group = self.param_groups[0]
         self._dense_step(group)
         self._latent_step(group, touched)
+        self.last_touched_share = touched.share
         self.touched = None
 
     @override

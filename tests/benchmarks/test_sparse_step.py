@@ -38,4 +38,7 @@ def test_step_curve_quick_run_times_every_row_beside_the_floor(tmp_path: Path) -
         for row in ("scale", "scale-lazy", "scale-lazy-zipf", "scale-fused", "topk"):
             assert point[f"{row}_step_s"] > 0
         assert point["floor_s"] > 0
-    assert "lazy / floor" in output
+        for row in ("scale-lazy", "scale-lazy-zipf"):
+            assert 0 < point[f"{row}_touched_share"] <= 1
+            assert point[f"{row}_touched_floor_s"] > point["floor_s"]
+    assert "lazy / touched floor" in output
