@@ -251,10 +251,10 @@ class ScaleTrainingSAEConfig(TrainingSAEConfig):
             first training batch (over every process's tokens), "random" keeps
             nn.Linear's initialisation. A router loaded from a checkpoint or
             pretrained SAE is never replaced; one set by hand is, unless
-            router_init is "random". On the domain ground truth k-means
-            tripled the routing's mutual information with the domains and raised
-            explained variance, on clustered and independent data alike
-            (benchmarks/README.md).
+            router_init is "random". On the domain ground truth k-means raised
+            the routing's mutual information with the domains 2-3x, and explained
+            variance at 1M tokens on clustered and independent data alike (equal
+            by 4M; benchmarks/README.md).
         aux_loss_coefficient (float): Weight of SAELens's AuxK loss, in which the
             computed dead latents reconstruct the residual. The authors do not use
             it; it is on by default because on the synthetic benchmark turning it
