@@ -4,6 +4,9 @@
     python benchmarks/synthetic_domains.py --shard 0/2            # and 1/2 beside it
     python benchmarks/synthetic_domains.py --strengths 0.9        # one strength
     python benchmarks/synthetic_domains.py --quick                # a pilot in seconds
+    python benchmarks/synthetic_domains.py --ideas                # k-means vs random routers
+    python benchmarks/synthetic_domains.py --tokens 4000000 --strengths 0.9 --k 8 --n 8
+        --extra-seeds --variants switch "scale e=2" "scale e=4"   # (one line) 4M tokens
     python benchmarks/synthetic_domains.py --plot-only            # tables and plot again
 
 Ground truth: the realistic size of `synthetic_realistic.py` (1536 true features in
@@ -16,6 +19,10 @@ point K 8, N 8. Every SAE of one strength and seed trains on the same recorded t
 stream (`saelens_moe.ground_truth.record_stream`), at `SIZE.training_samples`
 tokens (1M, the tokens study's choice for reconstruction; redundancy forms later,
 so `--tokens` can raise it).
+
+The grid's routed SAEs keep the random router they were run with; `--ideas` compares
+it with the k-means router (`router_init`) for Switch and Scale e = 2, 4 at K 8, N 8,
+strengths 0 and 0.9, seeds 0-2, in `results/synthetic_domains_ideas.*`.
 
 Per SAE: explained variance, MCC, dead latents (from `evaluate_variant`); on fresh
 labelled tokens, the NMI between selected experts and token domains, each expert's

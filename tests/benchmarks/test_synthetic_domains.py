@@ -43,6 +43,37 @@ def test_grid_has_every_variant_k_and_n_and_three_seeds_at_the_headline(
     assert len(set(keys)) == len(keys)
 
 
+def test_ideas_compare_each_router_init_on_both_ground_truths(
+    domains: ModuleType,
+) -> None:
+    points = domains.grid_points(domains.IDEAS)
+    inits = Counter(
+        (p.variant.architecture, p.variant.options["router_init"]) for p in points
+    )
+    assert set(inits) == {
+        (architecture, init)
+        for architecture in ("switch", "scale")
+        for init in ("random", "kmeans")
+    }
+    assert {p.strength for p in points} == {0.0, max(domains.STRENGTHS)}
+    assert {p.seed for p in points} == {0, 1, 2}
+    # the grid ran with random routers and keeps them, to stay reproducible
+    for variant in domains.GRID.variants:
+        assert variant.options.get("router_init", "random") == "random"
+
+
+def test_command_line_filters_variants_k_n_and_seeds(domains: ModuleType) -> None:
+    study = domains.chosen_study(
+        domains.parse_args(
+            ["--ideas", "--variants", "scale e=2 k-means", "--k", "32", "--extra-seeds"]
+        )
+    )
+    assert [v.name for v in study.variants] == ["scale e=2 k-means"]
+    assert (study.k_values, study.extra_seeds) == ((32,), ())
+    with pytest.raises(SystemExit, match="unknown"):
+        domains.chosen_study(domains.parse_args(["--variants", "scale e=3"]))
+
+
 def test_shards_split_the_grid_without_overlap(domains: ModuleType) -> None:
     points = domains.grid_points(domains.GRID)
     shards = [points[i::3] for i in range(3)]
