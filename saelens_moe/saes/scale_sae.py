@@ -253,8 +253,8 @@ class ScaleTrainingSAEConfig(TrainingSAEConfig):
             pretrained SAE is never replaced; one set by hand is, unless
             router_init is "random". On the domain ground truth k-means raised
             the routing's mutual information with the domains 2-3x, and explained
-            variance at 1M tokens on clustered and independent data alike (equal
-            by 4M; benchmarks/README.md).
+            variance at 1M tokens on clustered and independent data alike
+            (0.002-0.004 lower at 4M; benchmarks/README.md).
         aux_loss_coefficient (float): Weight of SAELens's AuxK loss, in which the
             computed dead latents reconstruct the residual. The authors do not use
             it; it is on by default because on the synthetic benchmark turning it
