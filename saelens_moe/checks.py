@@ -214,7 +214,7 @@ def validate_training_fields(cfg: Any) -> None:
         )
     _require_bool(cfg, "feature_scaling")
     _require_bool(cfg, "learn_lowpass")
-    from saelens_moe.saes.router_init import ROUTER_INITS
+    from saelens_moe.saes.router_init import ROUTER_INITS  # saes imports this module
 
     if cfg.router_init not in ROUTER_INITS:
         raise ValueError(
