@@ -49,10 +49,8 @@ def _kmeans_router(
         centroids = torch.nn.functional.normalize(
             torch.where(empty, centroids, sums), dim=-1
         )
-    norms = _summed(
-        torch.stack([router_in.norm(dim=-1).sum(), _count(router_in)]),
-        parallel,
-    )
+    n_tokens = router_in.new_tensor(float(router_in.shape[0]))
+    norms = _summed(torch.stack([router_in.norm(dim=-1).sum(), n_tokens]), parallel)
     scale = KMEANS_LOGIT_SCALE * norms[1] / norms[0]
     W_router = centroids.T * scale
     return W_router, torch.zeros_like(W_router[0])
@@ -87,9 +85,3 @@ def _starting_centroids(
 
 def _summed(tensor: torch.Tensor, parallel: Parallel | None) -> torch.Tensor:
     return tensor if parallel is None else parallel.sum(tensor)
-
-
-def _count(router_in: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(
-        float(router_in.shape[0]), dtype=router_in.dtype, device=router_in.device
-    )

@@ -588,7 +588,6 @@ class ScaleTrainingSAE(TrainingSAE[ScaleTrainingSAEConfig]):
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
         super().process_state_dict_for_loading(state_dict)
         check_state_dict(self.state_dict(), state_dict)
-        self.router_init_pending = False
 
     @override
     def process_state_dict_for_saving(self, state_dict: dict[str, Any]) -> None:
