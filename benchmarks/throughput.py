@@ -250,7 +250,7 @@ def trainer_for(
         return SAETrainer(cfg=cfg, sae=sae, data_provider=same_batch())
     return MoESAETrainer(
         lazy_adam=optimizer == "lazy",
-        fused_adam=optimizer == "fused",
+        fused_adam=optimizer in ("fused", "lazy"),
         cfg=cfg,
         sae=sae,
         data_provider=same_batch(),

@@ -17,11 +17,19 @@ their exact gradients).
 
 W_enc is stored by latent (the transpose of a contiguous [d_sae, d_in]), so a
 latent's column is one contiguous row, as W_dec's; its moments likewise.
+
+The forward's block sums and decoder norms are updated on the touched rows
+(`saes.summaries`) rather than recomputed from the whole dictionary, so beyond the
+routed matmul's read of W_enc a step reads and writes only what the batch touched.
+With `fused=True` (our trainer's default) the touched rows' moments are updated by
+one compiled kernel (`CompiledRows`) instead of a dozen eager passes.
 """
 
+import warnings
 from typing import Any, NamedTuple
 
 import torch
+from torch._dynamo.exc import BackendCompilerFailed
 from torch.optim import Optimizer
 from torch.optim.adam import adam
 from typing_extensions import override
@@ -33,6 +41,7 @@ from saelens_moe.saes.sparse_gradients import (
     SparseExpertGradients,
     sum_parts,
 )
+from saelens_moe.saes.summaries import RowUpdateHook
 
 
 class TouchedGradients(NamedTuple):
@@ -64,7 +73,9 @@ class LazyAdam(Optimizer):
         lr: Learning rate (SAELens's schedulers set it per step).
         betas: Adam's (beta1, beta2).
         eps: Adam's epsilon.
-        fused: PyTorch's fused Adam for the dense weights (None: PyTorch's default).
+        fused: PyTorch's fused Adam for the dense weights and a compiled update of
+            the touched rows (`CompiledRows`); None: PyTorch's default Adam and the
+            eager row update.
     """
 
     def __init__(
@@ -166,8 +177,9 @@ class LazyAdam(Optimizer):
         latents = touched.latents
         if latents.numel() == 0:
             return
-        for parameter, grad, axis in zip(
-            self.latent_params, touched.rows, LATENT_AXES, strict=True
+        hooks = self._summary_updaters(touched.dense_step())
+        for parameter, grad, axis, hook in zip(
+            self.latent_params, touched.rows, LATENT_AXES, hooks, strict=True
         ):
             state = self._latent_state(parameter, axis)
             lazy_adam_rows(
@@ -176,7 +188,24 @@ class LazyAdam(Optimizer):
                 state["step"],
                 group,
                 touched.dense_step(),
+                hook,
             )
+        W_enc, W_dec, _ = self.latent_params
+        self.gradients.summaries.updated(W_enc, W_dec)
+
+    def _summary_updaters(self, dense: bool) -> list[RowUpdateHook | None]:
+        """Per latent weight, what keeps the forward's summaries of it current as
+        its rows change (`saes.summaries`); a dense step recomputes them instead."""
+        summaries = self.gradients.summaries
+        if dense:
+            summaries.forget()
+            return [None] * len(self.latent_params)
+        W_enc, W_dec, _ = self.latent_params
+        return [
+            summaries.encoder_updater(W_enc),
+            summaries.decoder_updater(W_dec),
+            None,
+        ]
 
     def _latent_state(
         self, parameter: torch.Tensor, axis: int
@@ -205,12 +234,14 @@ def lazy_adam_rows(
     steps: torch.Tensor,  # [d_sae] float32, each latent's own step count
     group: dict[str, Any],
     dense: bool = False,
+    after_block: RowUpdateHook | None = None,
 ) -> None:
     """PyTorch's Adam update, on the gradient's latents only, with per-latent steps.
 
-    Gathers the touched rows, updates them and scatters them back. With `dense`
-    (a step touching nearly every latent: `TouchedGradients.dense_step`) it runs
-    dense Adam instead, faster there.
+    Gathers the touched rows, updates them and scatters them back, a block of rows
+    at a time, each block then handed to `after_block`. With `dense` (a step
+    touching nearly every latent: `TouchedGradients.dense_step`) it runs dense Adam
+    instead, faster there (and calls no `after_block`).
     """
     if dense:
         _dense_adam_rows(gradient, weight_and_moments, steps, group)
@@ -226,6 +257,7 @@ def lazy_adam_rows(
             weight_and_moments,
             latent_steps[rows],
             group,
+            after_block,
         )
 
 
@@ -246,21 +278,113 @@ def _adam_on_rows(
     weight_and_moments: list[torch.Tensor],
     latent_steps: torch.Tensor,  # [n], already advanced
     group: dict[str, Any],
+    after_block: RowUpdateHook | None = None,
 ) -> None:
     latents, grad = gradient
-    weight, exp_avg, exp_avg_sq = weight_and_moments
     beta1, beta2 = group["betas"]
     shape = (-1,) + (1,) * (grad.dim() - 1)
-    bias_correction1 = (1 - beta1**latent_steps).view(shape)
-    bias_correction2_sqrt = (1 - beta2**latent_steps).sqrt_().view(shape)
-    moment1 = exp_avg.index_select(0, latents).lerp_(grad, 1 - beta1)
-    moment2 = exp_avg_sq.index_select(0, latents).mul_(beta2)
-    moment2.addcmul_(grad, grad, value=1 - beta2)
+    block = AdamRows(
+        latents,
+        grad,
+        (group["lr"] / (1 - beta1**latent_steps)).view(shape),
+        (1 - beta2**latent_steps).sqrt_().view(shape),
+        beta1,
+        beta2,
+        group["eps"],
+    )
+    weight, exp_avg, exp_avg_sq = weight_and_moments
+    added = None
+    if group["fused"] and COMPILED_ROWS.usable(grad.device):
+        added = COMPILED_ROWS(exp_avg, exp_avg_sq, block)
+    if added is None:
+        added = _adam_rows_eager(exp_avg, exp_avg_sq, block)
+    weight.index_add_(0, latents, added)
+    if after_block is not None:
+        after_block(latents, added)
+
+
+class AdamRows(NamedTuple):
+    """One block of touched rows and what Adam needs to update them."""
+
+    latents: torch.Tensor
+    """[n]"""
+    grad: torch.Tensor
+    """[n, ...]"""
+    step_size: torch.Tensor
+    """lr / bias correction 1, per row. [n, 1...]"""
+    bias_correction2_sqrt: torch.Tensor
+    """[n, 1...]"""
+    beta1: float
+    beta2: float
+    eps: float
+
+
+def _adam_rows_eager(
+    exp_avg: torch.Tensor,  # [d_sae, ...] by latent
+    exp_avg_sq: torch.Tensor,
+    block: AdamRows,
+) -> torch.Tensor:
+    """Adam's moments on the block's rows, op by op, and what to add to their
+    weights. [n, ...]"""
+    latents, grad = block.latents, block.grad
+    moment1 = exp_avg.index_select(0, latents).lerp_(grad, 1 - block.beta1)
+    moment2 = exp_avg_sq.index_select(0, latents).mul_(block.beta2)
+    moment2.addcmul_(grad, grad, value=1 - block.beta2)
     exp_avg.index_copy_(0, latents, moment1)
     exp_avg_sq.index_copy_(0, latents, moment2)
-    denom = moment2.sqrt_().div_(bias_correction2_sqrt).add_(group["eps"])
-    update = moment1.div_(denom).div_(bias_correction1)
-    weight.index_add_(0, latents, update, alpha=-group["lr"])
+    denom = moment2.sqrt_().div_(block.bias_correction2_sqrt).add_(block.eps)
+    return moment1.div_(denom).mul_(block.step_size).neg_()
+
+
+def _adam_rows_fused(
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    block: AdamRows,
+) -> torch.Tensor:
+    """`_adam_rows_eager` written for the compiler, which makes it one kernel that
+    reads and writes each moment row once."""
+    latents, grad = block.latents, block.grad
+    moment1 = torch.lerp(exp_avg[latents], grad, 1 - block.beta1)
+    moment2 = exp_avg_sq[latents] * block.beta2 + (1 - block.beta2) * grad * grad
+    exp_avg[latents] = moment1
+    exp_avg_sq[latents] = moment2
+    denom = moment2.sqrt() / block.bias_correction2_sqrt + block.eps
+    return -block.step_size * moment1 / denom
+
+
+class CompiledRows:
+    """`_adam_rows_fused` under `torch.compile` (one graph for any number of rows), on
+    the devices inductor generates kernels for. Where compiling fails (a CPU without
+    a working C++ compiler) it warns once and returns None, so the eager update runs.
+    """
+
+    DEVICES = ("cpu", "cuda")
+
+    def __init__(self) -> None:
+        self.update = torch.compile(_adam_rows_fused, dynamic=True)
+        self.failure: str | None = None
+
+    def usable(self, device: torch.device) -> bool:
+        return device.type in self.DEVICES and self.failure is None
+
+    def __call__(
+        self, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, block: AdamRows
+    ) -> torch.Tensor | None:
+        try:
+            return self.update(exp_avg, exp_avg_sq, block)
+        except BackendCompilerFailed as error:
+            cause = getattr(error, "inner_exception", error)
+            self.failure = f"{type(cause).__name__}: {str(cause).splitlines()[0]}"
+            warnings.warn(
+                f"lazy Adam's compiled row update is unavailable ({self.failure}); "
+                "updating rows op by op",
+                stacklevel=2,
+            )
+            return None
+
+
+COMPILED_ROWS = CompiledRows()
+"""The compiled row update that `fused=True` uses; eager is the reference."""
 
 
 def _dense_adam_rows(

@@ -7,6 +7,7 @@ import torch
 from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.sae import TrainStepInput
 from sae_lens.training.sae_trainer import SAETrainer
+from torch._dynamo.exc import BackendCompilerFailed
 
 from saelens_moe import lazy_adam
 from saelens_moe.lazy_adam import LazyAdam, by_latent
@@ -162,22 +163,32 @@ def every_latent(
 
 
 @pytest.mark.parametrize(
-    ("dense_from", "block_bytes"),
-    [(1.1, 2**20), (1.1, 3 * 4 * D_IN), (0.0, 2**20)],
-    ids=["lazy", "lazy_in_blocks_of_3_rows", "dense_steps"],
+    ("dense_from", "block_bytes", "fused"),
+    [
+        (1.1, 2**20, None),
+        (1.1, 3 * 4 * D_IN, None),
+        (1.1, 3 * 4 * D_IN, True),
+        (0.0, 2**20, None),
+    ],
+    ids=["lazy", "lazy_in_blocks_of_3_rows", "compiled_in_blocks_of_3", "dense"],
 )
 def test_LazyAdam_matches_a_latent_by_latent_reference_on_partial_touches(
-    dense_from: float, block_bytes: int, monkeypatch: pytest.MonkeyPatch
+    dense_from: float,
+    block_bytes: int,
+    fused: bool | None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(lazy_adam, "DENSE_STEP_FRACTION", dense_from)
     monkeypatch.setattr(lazy_adam, "BLOCK_BYTES", block_bytes)
+    if fused:  # the compiled update must run, not fall back to the eager one
+        monkeypatch.setattr(lazy_adam, "_adam_rows_eager", None)
     sae = make_sae(feature_scaling=False)
     names = ("W_enc", "W_dec", "b_enc")
     start = {
         name: by_latent(getattr(sae, name), int(name == "W_enc")).detach().clone()
         for name in names
     }
-    optimizer = LazyAdam(sae, lr=0.05)
+    optimizer = LazyAdam(sae, lr=0.05, fused=fused)
     recorded: list[dict[int, dict[str, torch.Tensor]]] = []
     for step in range(4):
         x = torch.randn(3, D_IN)  # 3 tokens * k 4: at most 12 of 64 latents
@@ -209,6 +220,41 @@ def test_LazyAdam_matches_a_latent_by_latent_reference_on_partial_touches(
         untouched = [j for j in range(sae.cfg.d_sae) if j not in ever_touched]
         assert bool(untouched) == lazy
         assert torch.equal(actual[untouched], start[name][untouched])
+
+
+def test_the_row_update_falls_back_to_eager_once_when_it_cannot_compile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rows = lazy_adam.CompiledRows()
+    attempts: list[int] = []
+
+    def no_compiler(*args: Any) -> torch.Tensor:
+        attempts.append(1)
+        missing = RuntimeError("InvalidCxxCompiler: no working C++ compiler")
+        raise BackendCompilerFailed(no_compiler, missing, None)
+
+    rows.update = no_compiler
+    monkeypatch.setattr(lazy_adam, "COMPILED_ROWS", rows)
+    gradient = LatentRows(torch.tensor([2, 7]), torch.randn(2, 4))
+    group = {"lr": 0.1, "betas": (0.9, 0.999), "eps": 1e-8}
+    start = torch.randn(10, 4)
+    updated = {}
+    for fused in (True, None):
+        weight_and_moments = [start.clone(), torch.zeros(10, 4), torch.zeros(10, 4)]
+        steps = torch.zeros(10)
+        for _ in range(2):
+            options = group | {"fused": fused}
+            if fused and not attempts:
+                with pytest.warns(UserWarning, match="C\\+\\+ compiler.*op by op"):
+                    lazy_adam.lazy_adam_rows(
+                        gradient, weight_and_moments, steps, options
+                    )
+            else:
+                lazy_adam.lazy_adam_rows(gradient, weight_and_moments, steps, options)
+        updated[fused] = weight_and_moments[0]
+    assert attempts == [1]
+    assert not torch.equal(updated[True], start)
+    torch.testing.assert_close(updated[True], updated[None])
 
 
 def test_a_dense_step_after_lazy_ones_keeps_each_latents_own_step_count() -> None:

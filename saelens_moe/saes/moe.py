@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Literal, NamedTuple, get_args
 import torch
 
 from saelens_moe.saes.sparse_gradients import SparseExpertGradients
+from saelens_moe.saes.summaries import block_sums
 
 if TYPE_CHECKING:
     from saelens_moe.saes.scale_sae import ScaleSAE, ScaleTrainingSAE
@@ -150,27 +151,20 @@ def weigh_experts(top_probs: torch.Tensor, expert_weighting: str) -> torch.Tenso
 
 
 def feature_scaling_anchors(
-    W_enc: torch.Tensor, scaling: FeatureScaling, n_experts: int
+    W_enc: torch.Tensor,
+    scaling: FeatureScaling,
+    n_experts: int,
+    sums: torch.Tensor | None = None,  # [d_in, N]: block_sums(W_enc), if known
 ) -> torch.Tensor:
     """Step 3's a_i = T mu_i, the direction expert i is scaled around, as columns. [d_in, N]"""
     # sum, then divide the small result: mean's backward would write a full-size
     # quotient, sum's is a broadcast view
-    anchors = _block_sums(W_enc, n_experts) / (W_enc.shape[1] // n_experts)
+    if sums is None:
+        sums = block_sums(W_enc, n_experts)
+    anchors = sums / (W_enc.shape[1] // n_experts)
     if scaling.W_lowpass is not None:
         anchors = scaling.W_lowpass @ anchors
     return anchors
-
-
-def _block_sums(W_enc: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """Each expert's columns of W_enc summed. [d_in, N]
-
-    Summed along the contiguous axis: over an encoder stored by latent
-    (`saelens_moe.lazy_adam`) a sum across the strided one is several times slower.
-    """
-    d_in = W_enc.shape[0]
-    if W_enc.t().is_contiguous() and not W_enc.is_contiguous():
-        return W_enc.t().view(n_experts, -1, d_in).sum(dim=1).t()
-    return W_enc.view(d_in, n_experts, -1).sum(dim=-1)
 
 
 def fold_feature_scaling(

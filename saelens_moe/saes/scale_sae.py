@@ -778,12 +778,13 @@ def _selected_expert_pre(
     omega = anchor_dot = None
     if scaling is not None:
         omega = _per_selected_expert(scaling.omega, experts)  # [tokens, e]
-        W_enc = sae.W_enc
+        W_enc, sums = sae.W_enc, None
         if gradients is not None:
             # the sparse step drops the gradient through each expert's mean column
             # mu_i, which would reach every latent of the expert (benchmarks/README.md)
             W_enc = W_enc.detach()
-        anchors = feature_scaling_anchors(W_enc, scaling, n_experts)
+            sums = gradients.summaries.block_sums(W_enc, n_experts)
+        anchors = feature_scaling_anchors(W_enc, scaling, n_experts, sums)
         anchor_dot = (flat_in @ anchors).gather(1, experts)  # [tokens, e]
     norms = None
     if decoder.norms is not None:

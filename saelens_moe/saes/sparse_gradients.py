@@ -19,6 +19,8 @@ from typing import Any, NamedTuple, cast
 import torch
 import torch.nn.functional as F
 
+from saelens_moe.saes.summaries import DictionarySummaries
+
 EXPERT_ROW_PARAMETERS = ("W_enc", "W_dec", "b_enc")
 """The weights with one row per latent; W_enc's row of a latent is its column."""
 
@@ -37,6 +39,9 @@ class SparseExpertGradients:
 
     def __init__(self) -> None:
         self._parts: defaultdict[str, list[LatentRows]] = defaultdict(list)
+        self.summaries = DictionarySummaries()
+        """W_enc's block sums and W_dec's row norms, which the sparse step keeps
+        current instead of recomputing them from the whole dictionary."""
 
     def add(self, name: str, latents: torch.Tensor, rows: torch.Tensor) -> None:
         """Add `rows` [n, ...] to the gradient of weight `name` at `latents` [n] (unique)."""
@@ -148,7 +153,7 @@ class _NormsWithRows(torch.autograd.Function):
     def forward(
         ctx: Any, W_dec: torch.Tensor, gradients: SparseExpertGradients
     ) -> torch.Tensor:
-        norms = W_dec.detach().norm(dim=-1)
+        norms = gradients.summaries.row_norms(W_dec.detach())
         ctx.save_for_backward(W_dec.detach(), norms)
         ctx.gradients = gradients
         return norms
@@ -160,7 +165,7 @@ class _NormsWithRows(torch.autograd.Function):
         W_dec, norms = ctx.saved_tensors
         latents = grad_norms.nonzero().squeeze(1)
         scale = (grad_norms[latents] / norms[latents])[:, None]  # d||w||/dw = w/||w||
-        ctx.gradients.add("W_dec", latents, W_dec[latents] * scale)
+        ctx.gradients.add("W_dec", latents, W_dec.index_select(0, latents).mul_(scale))
         return None, None
 
 
