@@ -256,6 +256,7 @@ class DistributedSAETrainer(MoESAETrainer):
     ) -> None:
         """Data parallel: rank 0 writes SAELens's checkpoint. Expert parallel: each
         process writes its shard, and the checkpoint is marked complete last."""
+        self.continue_as_resumed()  # in every process, so the replicas stay equal
         if not self.parallel.expert_parallel:
             if self.parallel.rank == 0:
                 super().save_checkpoint(checkpoint_name, base_path, wandb_aliases)

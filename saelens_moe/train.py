@@ -103,7 +103,8 @@ def _added_parser() -> argparse.ArgumentParser:
         "--no_fused_adam",
         dest="fused_adam",
         action="store_false",
-        help="PyTorch's per-tensor Adam, as SAELens, instead of its fused Adam",
+        help="PyTorch's per-tensor Adam, as SAELens, instead of its fused Adam "
+        "(with --lazy_adam: the touched rows updated op by op, not compiled)",
     )
     return parser
 

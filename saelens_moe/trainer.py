@@ -15,6 +15,7 @@ coefficient schedules, checkpoints and resume) with one change: the optimizer.
 `MoESAETrainingRunner` is SAELens's `LanguageModelSAETrainingRunner` training with it.
 """
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,7 +41,8 @@ class MoESAETrainer(SAETrainer[Any, Any]):
         lazy_adam: Update expert weights only on the latents each step touched
             (`saelens_moe.lazy_adam`); Scale and Switch SAEs only.
         fused_adam: PyTorch's fused Adam for the weights updated densely (all of
-            them without lazy_adam).
+            them without lazy_adam), and with lazy_adam a compiled update of the
+            touched rows (`lazy_adam.CompiledRows`).
         **trainer_args: SAELens's `SAETrainer` arguments.
     """
 
@@ -66,6 +68,26 @@ class MoESAETrainer(SAETrainer[Any, Any]):
 
     def betas(self) -> tuple[float, float]:
         return (self.cfg.adam_beta1, self.cfg.adam_beta2)
+
+    @override
+    def save_checkpoint(
+        self,
+        checkpoint_name: str,
+        base_path: Path | str | None = None,
+        wandb_aliases: list[str] | None = None,
+    ) -> None:
+        """SAELens's checkpoint, after which training continues as a run resumed
+        from it would (`continue_as_resumed`)."""
+        self.continue_as_resumed()
+        super().save_checkpoint(checkpoint_name, base_path, wandb_aliases)
+
+    def continue_as_resumed(self) -> None:
+        """Drop what a checkpoint does not hold: lazy Adam's kept block sums and
+        decoder norms (`saes.summaries`), recomputed at the next step from the
+        weights, as a resumed run recomputes them, so both end with the same
+        weights."""
+        if isinstance(self.optimizer, LazyAdam):
+            self.optimizer.gradients.summaries.forget()
 
     @override
     def _train_step(

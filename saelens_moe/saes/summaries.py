@@ -11,11 +11,13 @@ A summary is trusted only while its weight is the tensor it was computed from, a
 the version lazy Adam left it (`Tensor._version` counts in-place writes; a loaded
 state dict, a fold or any other optimizer changes it), and at most `REFRESH_STEPS`
 updates after its last full computation, which bounds the rounding the added updates
-accumulate (and any write through `.data`, which the version does not see).
+accumulate (and any write through `.data`, which the version does not see). A
+checkpoint drops both (`MoESAETrainer.continue_as_resumed`): a run resumed from it
+recomputes them, and so does the run that wrote it, so the two stay identical.
 """
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeVar, cast
 
 import torch
 
@@ -39,6 +41,15 @@ def block_sums(W_enc: torch.Tensor, n_experts: int) -> torch.Tensor:
     return W_enc.view(d_in, n_experts, -1).sum(dim=-1)
 
 
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _eager(method: _Method) -> _Method:
+    """`method` run eagerly under torch.compile, so whether a kept value is current
+    is decided at every call (torch.compiler.disable's typing loses the signature)."""
+    return cast(_Method, torch.compiler.disable(method))
+
+
 class _Kept(NamedTuple):
     """One summary and the state of the weight it describes."""
 
@@ -56,6 +67,7 @@ class DictionarySummaries:
         self._sums: _Kept | None = None
         self._norms: _Kept | None = None
 
+    @_eager
     def block_sums(self, W_enc: torch.Tensor, n_experts: int) -> torch.Tensor:
         """`block_sums(W_enc, n_experts)`, from the kept value when it is current."""
         kept = _current(self._sums, W_enc)
@@ -63,6 +75,7 @@ class DictionarySummaries:
             kept = self._sums = _Kept(block_sums(W_enc, n_experts), _key(W_enc), 0)
         return kept.value.clone()
 
+    @_eager
     def row_norms(self, W_dec: torch.Tensor) -> torch.Tensor:
         """`W_dec.norm(dim=-1)`, from the kept value when it is current. [d_sae]"""
         kept = _current(self._norms, W_dec)
