@@ -4,6 +4,7 @@
     python benchmarks/sparse_step.py --study touched   # latents reached per step
     python benchmarks/sparse_step.py --study shares    # where a step's time goes
     python benchmarks/sparse_step.py --study fused     # fused vs SAELens's Adam
+    python benchmarks/sparse_step.py --study rows      # lazy Adam's row update
     python benchmarks/sparse_step.py --quick           # small sizes, a few seconds
 
 Sizes as `throughput.py`'s: d_in 768, 4096 tokens a step, K 32, Scale SAEs at
@@ -22,6 +23,11 @@ N 64, e 2 (N/e fixed) from d_sae 24576 to 786432.
 - fused: SAELens's per-tensor Adam against PyTorch's fused Adam at d_sae 24576,
   where every latent is touched (the same updates to float32 tolerance, checked),
   as the training-step ratio of TopK to Scale in `throughput.py`.
+
+- rows: lazy Adam's update of the touched rows alone (`lazy_adam.lazy_adam_rows` on a
+  [d_sae, d_in] weight and its moments, ROWS_SHARE of the rows at random), op by op
+  (`fused=None`) and as the compiled kernel (`fused=True`), beside PyTorch's fused
+  Adam on as many contiguous rows (the update's own traffic, no gathering).
 
 Everything runs in this process; medians of interleaved repetitions where the
 sizes fit side by side. Results: `results/sparse_step.{md,json}`.
@@ -56,7 +62,8 @@ from throughput import (
 from torch.profiler import ProfilerActivity, profile
 
 from saelens_moe import ScaleTrainingSAE, ScaleTrainingSAEConfig
-from saelens_moe.lazy_adam import LazyAdam
+from saelens_moe.lazy_adam import LazyAdam, lazy_adam_rows
+from saelens_moe.saes.sparse_gradients import LatentRows
 from saelens_moe.trainer import MoESAETrainer
 
 WIDTHS = [24576, 98304, 196608, 393216, 786432]
@@ -288,6 +295,55 @@ def fused_study(setting: Setting) -> dict[str, Any]:
     }
 
 
+ROWS_D_SAE, QUICK_ROWS_D_SAE = 2**19, 2**12
+ROWS_SHARE = 0.22
+"""The share of 2^19 latents a uniform-input step touched in the step curve."""
+
+
+def rows_study(setting: Setting, d_sae: int) -> dict[str, Any]:
+    """Seconds of one row update of one matrix, eager and compiled (interleaved, the
+    same draws), and of fused Adam on as many contiguous rows."""
+    d_in, n_rows = setting.sizes.d_in, round(ROWS_SHARE * d_sae)
+    torch.manual_seed(0)
+    state = [
+        torch.randn(d_sae, d_in),
+        torch.zeros(d_sae, d_in),
+        torch.zeros(d_sae, d_in),
+    ]
+    steps = torch.zeros(d_sae)
+    times: dict[str, list[float]] = {"eager": [], "compiled": []}
+    for rep in range(setting.reps + 1):  # the first compiles
+        latents = torch.randperm(d_sae)[:n_rows].sort().values
+        gradient = LatentRows(latents, torch.randn(n_rows, d_in))
+        for name in times if rep % 2 else list(times)[::-1]:
+            group = _row_group(fused=name == "compiled")
+            update = partial(lazy_adam_rows, gradient, state, steps, group)
+            elapsed = timed(update)
+            if rep:
+                times[name].append(elapsed)
+    del state
+    gc.collect()
+    return {
+        "d_sae": d_sae,
+        "d_in": d_in,
+        "rows": n_rows,
+        "eager_s": statistics.median(times["eager"]),
+        "compiled_s": statistics.median(times["compiled"]),
+        "fused_adam_contiguous_s": _fused_adam_s(n_rows, d_in, setting.reps),
+    }
+
+
+def _row_group(fused: bool) -> dict[str, Any]:
+    return {"lr": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8, "fused": fused or None}
+
+
+def _fused_adam_s(n_rows: int, d_in: int, reps: int) -> float:
+    weight = torch.zeros(n_rows, d_in, requires_grad=True)
+    weight.grad = torch.randn_like(weight)
+    optimizer = torch.optim.Adam([weight], lr=1e-4, fused=True)
+    return statistics.median([timed(optimizer.step) for _ in range(reps + 1)][1:])
+
+
 def _copy(sae: TrainingSAE[Any]) -> TrainingSAE[Any]:
     clone = type(sae)(sae.cfg)
     clone.load_state_dict(sae.state_dict())
@@ -351,6 +407,18 @@ def markdown(results: dict[str, Any]) -> str:
             f"largest weight difference after {fused['steps']} steps: "
             f"{fused['max_weight_difference_after_steps']:.1e}.",
         ]
+    if "rows" in results:
+        rows = results["rows"]
+        lines += [
+            "",
+            f"Lazy Adam's row update of one [{rows['d_sae']}, {rows['d_in']}] matrix, "
+            f"{rows['rows']} rows (seconds):",
+            "",
+            "| op by op | compiled | fused Adam on as many contiguous rows |",
+            "|---|---|---|",
+            f"| {rows['eager_s']:.3f} | {rows['compiled_s']:.3f} "
+            f"| {rows['fused_adam_contiguous_s']:.3f} |",
+        ]
     return "\n".join(lines)
 
 
@@ -359,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--study", choices=["touched", "shares", "fused", "all"], default="all"
+        "--study", choices=["touched", "shares", "fused", "rows", "all"], default="all"
     )
     parser.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
     parser.add_argument("--reps", type=int, default=3)
@@ -387,6 +455,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         results["shares"] = shares_study(setting, widths)
     if args.study in ("fused", "all"):
         results["fused"] = fused_study(setting)
+    if args.study in ("rows", "all"):
+        results["rows"] = rows_study(
+            setting, QUICK_ROWS_D_SAE if args.quick else ROWS_D_SAE
+        )
     args.output_dir.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(results, indent=2))
     table = markdown(results)

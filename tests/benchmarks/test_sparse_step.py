@@ -14,7 +14,7 @@ def run(script: str, *flags: str) -> str:
     return subprocess.run(command, capture_output=True, text=True, check=True).stdout
 
 
-def test_sparse_step_quick_run_writes_touched_shares_and_fused_tables(
+def test_sparse_step_quick_run_writes_touched_shares_fused_and_rows_tables(
     tmp_path: Path,
 ) -> None:
     run("sparse_step.py", "--reps", "1", "--output-dir", str(tmp_path))
@@ -26,6 +26,10 @@ def test_sparse_step_quick_run_writes_touched_shares_and_fused_tables(
     assert {row["optimizer"] for row in report["shares"]} == {"saelens", "lazy"}
     assert report["fused"]["max_weight_difference_after_steps"] < 1e-5
     assert "Fused Adam" in (tmp_path / "sparse_step_quick.md").read_text()
+    rows = report["rows"]
+    assert rows["rows"] == round(0.22 * 4096)
+    for name in ("eager_s", "compiled_s", "fused_adam_contiguous_s"):
+        assert rows[name] > 0
 
 
 def test_step_curve_quick_run_times_every_row_beside_the_floor(tmp_path: Path) -> None:
