@@ -54,6 +54,7 @@ from throughput import (
     Candidate,
     Sizes,
     build,
+    fused_adam_s,
     machine,
     trainer_for,
     zipf_draws,
@@ -329,19 +330,12 @@ def rows_study(setting: Setting, d_sae: int) -> dict[str, Any]:
         "rows": n_rows,
         "eager_s": statistics.median(times["eager"]),
         "compiled_s": statistics.median(times["compiled"]),
-        "fused_adam_contiguous_s": _fused_adam_s(n_rows, d_in, setting.reps),
+        "fused_adam_contiguous_s": fused_adam_s([(n_rows, d_in)], setting.reps),
     }
 
 
 def _row_group(fused: bool) -> dict[str, Any]:
     return {"lr": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8, "fused": fused or None}
-
-
-def _fused_adam_s(n_rows: int, d_in: int, reps: int) -> float:
-    weight = torch.zeros(n_rows, d_in, requires_grad=True)
-    weight.grad = torch.randn_like(weight)
-    optimizer = torch.optim.Adam([weight], lr=1e-4, fused=True)
-    return statistics.median([timed(optimizer.step) for _ in range(reps + 1)][1:])
 
 
 def _copy(sae: TrainingSAE[Any]) -> TrainingSAE[Any]:

@@ -568,11 +568,13 @@ def _median_step(
 
 def _touched_update_s(sizes: Sizes, n_rows: int, reps: int) -> float:
     """Fused Adam over `n_rows` contiguous rows of W_enc and of W_dec (and b_enc)."""
-    weights = [
-        torch.zeros(n_rows, sizes.d_in, requires_grad=True),
-        torch.zeros(n_rows, sizes.d_in, requires_grad=True),
-        torch.zeros(n_rows, requires_grad=True),
-    ]
+    shapes = [(n_rows, sizes.d_in), (n_rows, sizes.d_in), (n_rows,)]
+    return fused_adam_s(shapes, reps)
+
+
+def fused_adam_s(shapes: list[tuple[int, ...]], reps: int) -> float:
+    """Median seconds of one step of PyTorch's fused Adam over tensors of `shapes`."""
+    weights = [torch.zeros(shape, requires_grad=True) for shape in shapes]
     for weight in weights:
         weight.grad = torch.randn_like(weight)
     optimizer = torch.optim.Adam(weights, lr=1e-4, fused=True)
