@@ -23,7 +23,8 @@ import json
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
@@ -33,6 +34,8 @@ import matplotlib.pyplot as plt
 import torch
 from sae_lens.saes.sae import TrainingSAE, TrainStepInput, TrainStepOutput
 from sae_lens.synthetic import SyntheticModel
+from torch.optim import Optimizer
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from saelens_moe.ground_truth import (
     BenchmarkSize,
@@ -43,6 +46,7 @@ from saelens_moe.ground_truth import (
     torch_threads,
     train_variant,
 )
+from saelens_moe.lazy_adam import DENSE_STEP_FRACTION, LazyAdam
 from saelens_moe.metrics import highpass_decoder
 from saelens_moe.presets import paper_lr, paper_setting
 
@@ -395,7 +399,10 @@ def run_points(
         sized = replace(size, k=k)
         spells = DeadSpells()
         prepare = partial(_prepare, PREPARATIONS.get(variant.name), stream, spells)
-        sae, seconds = train_variant(variant, sized, model, seed, None, stream, prepare)
+        with updated_shares() as shares:
+            sae, seconds = train_variant(
+                variant, sized, model, seed, None, stream, prepare
+            )
         result = evaluate_variant(variant, sae, model, sized, seconds, seed)
         fires = firing(sae, model, sized.eval_samples, seed + 4)
         live = fires.any(dim=0)
@@ -414,6 +421,8 @@ def run_points(
             "duplicates": duplicated_features(sae.W_dec, model, fires),
             "metrics": result.metrics,
         }
+        if shares:
+            entry["updated_share"] = statistics.fmean(shares)
         _append(entry)
         print(
             f"{study} K={k} seed={seed} {variant.name}: EV {result.explained_variance:.3f} "
@@ -433,6 +442,26 @@ def _prepare(
     if reinitialise is not None:
         reinitialise(sae, stream)
     spells.watch(sae)
+
+
+@contextmanager
+def updated_shares() -> Generator[list[float]]:
+    """The share of the dictionary each lazy Adam step updates while the block runs
+    (dense steps count as whole ones)."""
+    shares: list[float] = []
+
+    def record(optimizer: Optimizer, *_: Any) -> None:
+        if not isinstance(optimizer, LazyAdam):
+            return
+        share = optimizer.last_touched_share
+        if share is not None:
+            shares.append(1.0 if share >= DENSE_STEP_FRACTION else share)
+
+    handle = register_optimizer_step_post_hook(record)
+    try:
+        yield shares
+    finally:
+        handle.remove()
 
 
 STUDIES: dict[str, Callable[[BenchmarkSize, Shard], None]] = {}
@@ -469,17 +498,35 @@ def redundancy(size: BenchmarkSize, shard: Shard) -> None:
 
 def optimizer(size: BenchmarkSize, shard: Shard) -> None:
     """Scale e=2 with SAELens's Adam and with lazy Adam at K 8 and 32, seed 0, then
-    seeds 1 and 2 at K=8: is lazy Adam's quality within seed noise?"""
+    seeds 1 and 2 at K=8: is lazy Adam's quality within seed noise? Then the same at
+    `WIDE_FACTOR` times the width, where most latents wait between updates."""
     run_points("optimizer", optimizer_variants(), (8, 32), 0, size, shard)
     for seed in EXTRA_SEEDS_AT_K8:
         run_points("optimizer", optimizer_variants(), (8,), seed, size, shard)
     for seed in (0, *EXTRA_SEEDS_AT_K8):  # is the gap Feature Scaling's dropped term?
         run_points("optimizer", optimizer_variants(False), (8,), seed, size, shard)
+    wide = replace(
+        size,
+        d_sae=size.d_sae * WIDE_FACTOR,
+        n_experts=size.n_experts * WIDE_FACTOR,
+    )
+    for seed in (0, *EXTRA_SEEDS_AT_K8):
+        run_points("optimizer", optimizer_variants(width=wide), (8,), seed, wide, shard)
+    run_points("optimizer", optimizer_variants(False, wide), (8,), 0, wide, shard)
 
 
-def optimizer_variants(feature_scaling: bool = True) -> list[Variant]:
+WIDE_FACTOR = 8
+"""The optimizer study's wide point: d_sae 12,288 in experts of the same 192 latents,
+where a step of 1024 tokens x K 8 can reach at most two thirds of the latents."""
+
+
+def optimizer_variants(
+    feature_scaling: bool = True, width: BenchmarkSize | None = None
+) -> list[Variant]:
     options: dict[str, Any] = {"n_active_experts": 2}
     name = "scale e=2"
+    if width is not None:
+        name += f" d_sae {width.d_sae}"
     if not feature_scaling:
         options["feature_scaling"] = False
         name += " feature scaling off"
@@ -784,12 +831,14 @@ def write_report() -> None:
 def optimizer_table(entries: Sequence[dict[str, Any]]) -> str:
     """Per optimizer and K: explained variance, MCC and dead latents over seeds."""
     lines = [
-        "| variant | K | seeds | explained variance | MCC | dead latents |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| variant | K | seeds | explained variance | MCC | dead latents "
+        "| latents updated per step |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for name in dict.fromkeys(e["name"] for e in entries):
+    names = sorted(dict.fromkeys(e["name"] for e in entries), key=_optimizer_order)
+    for name in names:
         for k in sorted({e["k"] for e in entries}):
-            rows = _by(entries, name, k)
+            rows = sorted(_by(entries, name, k), key=lambda r: r["seed"])
             if not rows:
                 continue
             seeds = ",".join(str(r["seed"]) for r in rows)
@@ -797,8 +846,15 @@ def optimizer_table(entries: Sequence[dict[str, Any]]) -> str:
                 _mean([r[key] for r in rows])
                 for key in ("explained_variance", "mcc", "dead_latents")
             ]
+            shares = [r["updated_share"] for r in rows if "updated_share" in r]
+            cells.append(f"{statistics.fmean(shares):.0%}" if shares else "all")
             lines.append(f"| {name} | {k} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _optimizer_order(name: str) -> tuple[bool, bool, bool]:
+    """Width, then Feature Scaling on before off, then SAELens's Adam before lazy."""
+    return ("d_sae" in name, "feature scaling off" in name, "lazy adam" in name)
 
 
 def _token_rows() -> list[dict[str, Any]]:

@@ -281,13 +281,13 @@ def train_variant(
 def _trainer_of(variant: Variant) -> Generator[None]:
     """`SyntheticSAERunner.run` builds SAELens's `SAETrainer` by name, with no way to
     pass another: for a lazy-Adam variant, that name means `MoESAETrainer` with
-    lazy Adam while the run lasts."""
+    lazy Adam as `--lazy_adam` trains (its compiled row update) while the run lasts."""
     if not variant.lazy_adam:
         yield
         return
     module = synthetic_sae_runner
     saelens_trainer = module.SAETrainer
-    module.SAETrainer = partial(MoESAETrainer, True, False)  # pyright: ignore[reportAttributeAccessIssue]
+    module.SAETrainer = partial(MoESAETrainer, lazy_adam=True)  # pyright: ignore[reportAttributeAccessIssue]
     try:
         yield
     finally:

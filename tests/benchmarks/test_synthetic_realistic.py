@@ -6,6 +6,7 @@ import torch
 from sae_lens.saes.sae import TrainStepInput
 
 from saelens_moe.ground_truth import SIZES, Variant, run_benchmark
+from saelens_moe.lazy_adam import DENSE_STEP_FRACTION, LazyAdam
 from saelens_moe.saes.scale_sae import ScaleTrainingSAE, ScaleTrainingSAEConfig
 from tests.benchmarks import load_benchmark
 from tests.benchmarks.test_synthetic import load_script
@@ -223,3 +224,59 @@ def test_improvement_table_sets_ours_beside_the_authors() -> None:
     row = next(line for line in table.splitlines() if line.startswith("| 8 | 2 |"))
     # ours: FVU 0.25 vs 0.5 and redundancy 0.01 vs 0.1; authors: 2359.5 vs 2908.5, 0.00346 vs 0.0493
     assert row == "| 8 | 2 | +50% | +19% | +90% | +93% | +90% |"
+
+
+def _lazy_step(
+    optimizer: torch.optim.Optimizer, sae: ScaleTrainingSAE, tokens: int
+) -> None:
+    output = sae.training_forward_pass(
+        TrainStepInput(
+            sae_in=torch.randn(tokens, 8),
+            coefficients={"load_balancing": 1.0},
+            dead_neuron_mask=None,
+            n_training_steps=0,
+            is_logging_step=False,
+        )
+    )
+    output.loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def test_updated_shares_record_each_lazy_adam_step_and_count_dense_ones_whole() -> None:
+    """Each of 2 experts of 16 latents is selected for every token, K 8: one token
+    reaches under half the latents, 512 every one."""
+    module = load_realistic()
+    sae = ScaleTrainingSAE(
+        ScaleTrainingSAEConfig(d_in=8, d_sae=32, n_experts=2, k=8, n_active_experts=2)
+    )
+    lazy = LazyAdam(sae, lr=1e-3)
+    other = torch.optim.Adam(_scale_sae().parameters())
+    with module.updated_shares() as shares:
+        _lazy_step(lazy, sae, tokens=1)
+        partial_share = lazy.last_touched_share
+        _lazy_step(lazy, sae, tokens=512)
+        dense_share = lazy.last_touched_share
+        other.step()
+    _lazy_step(lazy, sae, tokens=1)  # after the block: not recorded
+    assert partial_share is not None and 0 < partial_share < DENSE_STEP_FRACTION
+    assert dense_share is not None and dense_share >= DENSE_STEP_FRACTION
+    assert shares == [partial_share, 1.0]
+
+
+def test_optimizer_table_gives_the_updated_share_of_lazy_rows_only() -> None:
+    def row(name: str, seed: int, share: float | None) -> dict[str, Any]:
+        entry = {
+            "name": name,
+            "k": 8,
+            "seed": seed,
+            "explained_variance": 0.5,
+            "mcc": 0.4,
+            "dead_latents": 0,
+        }
+        return entry if share is None else {**entry, "updated_share": share}
+
+    rows = [row("dense", 0, None), row("lazy", 0, 0.3), row("lazy", 1, 0.5)]
+    lines = load_realistic().optimizer_table(rows).splitlines()
+    assert lines[2].startswith("| dense | 8 | 0 |") and lines[2].endswith("| all |")
+    assert lines[3].startswith("| lazy | 8 | 0,1 |") and lines[3].endswith("| 40% |")
