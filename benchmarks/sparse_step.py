@@ -42,7 +42,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import psutil
 import torch
@@ -63,7 +63,7 @@ from throughput import (
 from torch.profiler import ProfilerActivity, profile
 
 from saelens_moe import ScaleTrainingSAE, ScaleTrainingSAEConfig
-from saelens_moe.lazy_adam import LazyAdam, lazy_adam_rows
+from saelens_moe.lazy_adam import Coasting, LazyAdam, lazy_adam_rows
 from saelens_moe.saes.sparse_gradients import LatentRows
 from saelens_moe.trainer import MoESAETrainer
 
@@ -311,15 +311,16 @@ def rows_study(setting: Setting, d_sae: int) -> dict[str, Any]:
         torch.zeros(d_sae, d_in),
         torch.zeros(d_sae, d_in),
     ]
-    steps = torch.zeros(d_sae)
+    updated_at = torch.zeros(d_sae)
+    coasting, clock_state = Coasting(_row_group(False)["betas"]), {}
     times: dict[str, list[float]] = {"eager": [], "compiled": []}
     for rep in range(setting.reps + 1):  # the first compiles
         latents = torch.randperm(d_sae)[:n_rows].sort().values
         gradient = LatentRows(latents, torch.randn(n_rows, d_in))
         for name in times if rep % 2 else list(times)[::-1]:
             group = _row_group(fused=name == "compiled")
-            update = partial(lazy_adam_rows, gradient, state, steps, group)
-            elapsed = timed(update)
+            rows = RowStep(coasting, clock_state, state, updated_at, group)
+            elapsed = timed(partial(rows.step, gradient))
             if rep:
                 times[name].append(elapsed)
     del state
@@ -332,6 +333,24 @@ def rows_study(setting: Setting, d_sae: int) -> dict[str, Any]:
         "compiled_s": statistics.median(times["compiled"]),
         "fused_adam_contiguous_s": fused_adam_s([(n_rows, d_in)], setting.reps),
     }
+
+
+class RowStep(NamedTuple):
+    """What `lazy_adam_rows` updates, and the clock one optimizer step advances."""
+
+    coasting: Coasting
+    clock_state: dict[Any, Any]
+    weight_and_moments: list[torch.Tensor]
+    updated_at: torch.Tensor
+    group: dict[str, Any]
+
+    def step(self, gradient: LatentRows) -> None:
+        device = gradient.rows.device
+        clock = self.coasting.begin_step(self.clock_state, device)
+        lazy_adam_rows(
+            gradient, self.weight_and_moments, self.updated_at, self.group, clock
+        )
+        self.coasting.end_step(self.clock_state, self.group["lr"])
 
 
 def _row_group(fused: bool) -> dict[str, Any]:

@@ -4,16 +4,24 @@ A Top-K SAE's batch reaches few of a wide dictionary's latents (`saes.sparse_gra
 dense Adam still zero-fills, reads and writes every weight, gradient and moment each
 step. `LazyAdam` updates W_enc's columns, W_dec's rows and b_enc's entries only for
 the latents whose gradient rows the step produced, the way embedding tables are
-trained (PyTorch's `SparseAdam`). Each latent keeps its own step count, so the moments
-and bias correction of an untouched latent wait until it is touched again; with every
-latent touched every step the update is dense Adam's. The other weights (router,
-b_dec, omega, W_lowpass) take PyTorch's Adam.
+trained (PyTorch's `SparseAdam`), and the other weights (router, b_dec, omega,
+W_lowpass) with PyTorch's Adam.
 
-Two approximations, both measured in `benchmarks/README.md` ("A step that writes only
-what the batch touched"): an untouched latent does not coast on its momentum as with
-dense Adam, and under Feature Scaling the gradient through each expert's mean column
-mu_i, which reaches every latent of the expert, is dropped (omega and W_lowpass keep
-their exact gradients).
+Unlike `SparseAdam` it ends where dense Adam ends. With a zero gradient dense Adam
+still moves a weight, by its decaying momentum, for a few dozen steps; a latent that
+waits owes those moves (`Coasting`), and pays them when it is next touched, with its
+moments decayed by the steps it waited and the bias correction of the global step;
+`LazyAdam.catch_up()` pays every latent's at once (our trainer calls it at each
+checkpoint and after the last step). So the weights equal dense Adam's on the same
+gradients, up to Adam's eps on the waiting steps. What differs is when waiting
+latents move: a forward pass sees them where they last stopped. Measured in
+`benchmarks/README.md` ("A step that writes only what the batch touched"): paid
+when touched, the moves keep dense Adam's quality; dropped (`SparseAdam`'s way), a
+wide dictionary ends with several times the dead latents.
+
+Under Feature Scaling the gradient through each expert's mean column mu_i, which
+reaches every latent of the expert, is dropped (omega and W_lowpass keep their exact
+gradients).
 
 W_enc is stored by latent (the transpose of a contiguous [d_sae, d_in]), so a
 latent's column is one contiguous row, as W_dec's; its moments likewise.
@@ -25,6 +33,7 @@ With `fused=True` (our trainer's default) the touched rows' moments are updated 
 one compiled kernel (`CompiledRows`) instead of a dozen eager passes.
 """
 
+import math
 import warnings
 from typing import Any, NamedTuple
 
@@ -66,12 +75,14 @@ class LazyAdam(Optimizer):
     The SAE's `sparse_gradients` is set to this optimizer's collector, so the fast
     path hands it gradient rows instead of dense gradients. After `backward()`,
     `gather()` puts the step's rows in `touched` (to average or clip them), and
-    `step()` updates.
+    `step()` updates. `catch_up()` pays what waiting latents owe (module docstring),
+    so the weights are dense Adam's: before they are saved or training ends.
 
     Args:
         sae: The training SAE (its W_enc, W_dec and b_enc are updated lazily).
         lr: Learning rate (SAELens's schedulers set it per step).
-        betas: Adam's (beta1, beta2).
+        betas: Adam's (beta1, beta2), beta1 < sqrt(beta2) (as Adam's defaults): a
+            waiting latent's momentum then fades, so what it owes is finite.
         eps: Adam's epsilon.
         fused: PyTorch's fused Adam for the dense weights and a compiled update of
             the touched rows (`CompiledRows`); None: PyTorch's default Adam and the
@@ -88,6 +99,7 @@ class LazyAdam(Optimizer):
     ) -> None:
         named = dict(sae.named_parameters())
         defaults = {"lr": lr, "betas": betas, "eps": eps, "fused": fused}
+        self.coasting = Coasting(betas)
         # one group, as SAELens's Adam: a resumed SAELens run loads this state into
         # the trainer it builds first (and ours loads it again)
         super().__init__([{"params": list(named.values())}], defaults)
@@ -133,9 +145,34 @@ class LazyAdam(Optimizer):
         touched = self.touched if self.touched is not None else self.gather()
         group = self.param_groups[0]
         self._dense_step(group)
-        self._latent_step(group, touched)
+        clock = self.coasting.begin_step(self.state, self.latent_params[0].device)
+        self._latent_step(group, touched, clock)
+        self.coasting.end_step(self.state, group["lr"])
         self.last_touched_share = touched.share
         self.touched = None
+
+    @torch.no_grad()
+    def catch_up(self) -> None:
+        """Every waiting latent makes the moves it owes: the expert weights and
+        moments become dense Adam's at this step."""
+        group = self.param_groups[0]
+        clock = self.coasting.now(self.state, self.latent_params[0].device)
+        caught_up = False
+        for parameter, axis in zip(self.latent_params, LATENT_AXES, strict=True):
+            state = self.state[parameter]
+            if state:
+                weight_and_moments = [
+                    by_latent(t, axis) for t in (parameter, *_moments(state))
+                ]
+                catch_up_rows(weight_and_moments, state["step"], group, clock)
+                caught_up = True
+        if caught_up:
+            self.gradients.summaries.forget()
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.coasting.own(self.state)
 
     @override
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -173,7 +210,9 @@ class LazyAdam(Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(parameter)
         return state
 
-    def _latent_step(self, group: dict[str, Any], touched: TouchedGradients) -> None:
+    def _latent_step(
+        self, group: dict[str, Any], touched: TouchedGradients, clock: "Clock"
+    ) -> None:
         latents = touched.latents
         if latents.numel() == 0:
             return
@@ -187,6 +226,7 @@ class LazyAdam(Optimizer):
                 [by_latent(t, axis) for t in (parameter, *_moments(state))],
                 state["step"],
                 group,
+                clock,
                 touched.dense_step(),
                 hook,
             )
@@ -211,7 +251,7 @@ class LazyAdam(Optimizer):
         self, parameter: torch.Tensor, axis: int
     ) -> dict[str, torch.Tensor]:
         state = self.state[parameter]
-        if not state:
+        if not state:  # "step": the global step of each latent's last update
             n_latents = parameter.shape[axis]
             device = parameter.device
             state["step"] = torch.zeros(n_latents, dtype=torch.float32, device=device)
@@ -228,35 +268,124 @@ LATENT_AXES = (1, 0, 0)
 """The latent axis of W_enc [d_in, d_sae], W_dec [d_sae, d_in] and b_enc [d_sae]."""
 
 
+class Clock(NamedTuple):
+    """The global step being taken, and what waiting latents owe at it."""
+
+    step: int
+    owed: torch.Tensor
+    """owed[s]: the moves, per unit of m / sqrt(v), that a latent last updated at
+    step s owes for the steps since (`Coasting`). [> step]"""
+
+
+class Coasting:
+    """Dense Adam's moves of a latent that waits, owed until it is touched again.
+
+    With a zero gradient from step t0 on, dense Adam moves a weight at step s by
+    lr_s / bc1_s * beta1^j m / (beta2^(j/2) sqrt(v) / sqrt(bc2_s) + eps), j = s - t0
+    (m, v: its moments after t0; bc1_s = 1 - beta1^s, bc2_s = 1 - beta2^s). Beside
+    sqrt(v), eps is negligible, so that is m / sqrt(v) * c_s * r^j with
+    c_s = lr_s sqrt(bc2_s) / bc1_s and r = beta1 / sqrt(beta2): a latent owes
+    m / sqrt(v) times owed[t0] = the sum of c_s r^(s - t0) over the steps it waited.
+    Each step adds its c_s to owed[] of the `horizon` steps before it (r^horizon is
+    below 2^-40); the sums live in the optimizer's state, for checkpoints.
+    """
+
+    KEY = "coasting"
+    """The optimizer state's entry: {"step": global step, "owed": float32 sums}."""
+    TOLERANCE = 2.0**-40
+
+    def __init__(self, betas: tuple[float, float]) -> None:
+        check_betas(betas)
+        beta1, beta2 = betas
+        self.betas = betas
+        ratio = beta1 / math.sqrt(beta2)
+        self.horizon = (
+            math.ceil(math.log(self.TOLERANCE) / math.log(ratio)) if ratio > 0 else 0
+        )
+        self.powers = ratio ** torch.arange(self.horizon, 0, -1, dtype=torch.float64)
+        """r^horizon ... r^1: what step t adds to owed[t - horizon] ... owed[t - 1]."""
+
+    def now(self, state: dict[Any, Any], device: torch.device) -> Clock:
+        """The last step taken, and what is owed at its end."""
+        entry = state.setdefault(self.KEY, {"step": 0, "owed": torch.zeros(1)})
+        owed = entry["owed"].to(device)
+        if owed.numel() <= entry["step"] + 1:  # room for this step and the next
+            grown = owed.new_zeros(max(2 * owed.numel(), entry["step"] + 2))
+            grown[: owed.numel()] = owed
+            owed = grown
+        entry["owed"] = owed
+        return Clock(entry["step"], owed)
+
+    def begin_step(self, state: dict[Any, Any], device: torch.device) -> Clock:
+        """Advance the global step."""
+        self.now(state, device)
+        state[self.KEY]["step"] += 1
+        return self.now(state, device)
+
+    def end_step(self, state: dict[Any, Any], lr: float) -> None:
+        """Owe this step's coasting to the latents it did not touch."""
+        beta1, beta2 = self.betas
+        entry = state[self.KEY]
+        step, owed = entry["step"], entry["owed"]
+        c = float(lr) * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+        first = max(0, step - self.horizon)
+        powers = self.powers[self.horizon - (step - first) :]
+        owed[first:step] += (c * powers).to(owed)
+
+    def own(self, state: dict[Any, Any]) -> None:
+        """A loaded entry, copied: another optimizer may have loaded the same."""
+        entry = state.get(self.KEY)
+        if entry is not None:
+            state[self.KEY] = {
+                "step": int(entry["step"]),
+                "owed": entry["owed"].clone(),
+            }
+
+
+def check_betas(betas: tuple[float, float]) -> None:
+    """Lazy Adam needs momentum that fades faster than the second moment, or what a
+    waiting latent owes never stops growing."""
+    beta1, beta2 = betas
+    if not 0 <= beta1 < math.sqrt(beta2):
+        raise ValueError(
+            f"lazy Adam needs 0 <= adam_beta1 < sqrt(adam_beta2), so a waiting "
+            f"latent's momentum fades (Adam's defaults 0.9, 0.999 do); got "
+            f"adam_beta1={beta1}, adam_beta2={beta2}"
+        )
+
+
 def lazy_adam_rows(
     gradient: LatentRows,
     weight_and_moments: list[torch.Tensor],  # [d_sae, ...] each, by latent
-    steps: torch.Tensor,  # [d_sae] float32, each latent's own step count
+    updated_at: torch.Tensor,  # [d_sae] float32: the step of each latent's last update
     group: dict[str, Any],
+    clock: Clock,
     dense: bool = False,
     after_block: RowUpdateHook | None = None,
 ) -> None:
-    """PyTorch's Adam update, on the gradient's latents only, with per-latent steps.
+    """Dense Adam's update at `clock.step` on the gradient's latents only, each first
+    making the moves it owes for the steps it waited (`Coasting`).
 
     Gathers the touched rows, updates them and scatters them back, a block of rows
     at a time, each block then handed to `after_block`. With `dense` (a step
-    touching nearly every latent: `TouchedGradients.dense_step`) it runs dense Adam
-    instead, faster there (and calls no `after_block`).
+    touching nearly every latent: `TouchedGradients.dense_step`) every latent is
+    updated, faster there (and no `after_block` is called).
     """
     if dense:
-        _dense_adam_rows(gradient, weight_and_moments, steps, group)
+        _dense_adam_rows(gradient, weight_and_moments, updated_at, group, clock)
         return
     latents, grad = gradient
-    latent_steps = steps.index_select(0, latents).add_(1)
-    steps.index_copy_(0, latents, latent_steps)
+    last_updates = updated_at.index_select(0, latents)
+    updated_at.index_fill_(0, latents, float(clock.step))
     block = _rows_per_block(grad)
     for start in range(0, latents.shape[0], block):
         rows = slice(start, start + block)
         _adam_on_rows(
             LatentRows(latents[rows], grad[rows]),
             weight_and_moments,
-            latent_steps[rows],
+            last_updates[rows],
             group,
+            clock,
             after_block,
         )
 
@@ -264,30 +393,42 @@ def lazy_adam_rows(
 BLOCK_BYTES = 4 * 1024**2
 """Rows of gradient a CPU updates at a time: the update's temporaries then stay in
 cache (1.5-2x faster at 100k rows of 768 here); GPUs take every row at once."""
+CATCH_UP_BYTES = 256 * 1024**2
+"""Rows of a weight `catch_up_rows` moves at a time on any device, so paying every
+latent's debt needs temporaries of this size, not of the dictionary's."""
 
 
 def _rows_per_block(grad: torch.Tensor) -> int:
     if grad.device.type != "cpu":
         return max(1, grad.shape[0])
-    row_bytes = grad[:1].numel() * grad.element_size()
-    return max(1, BLOCK_BYTES // max(1, row_bytes))
+    return _rows_in(grad, BLOCK_BYTES)
+
+
+def _rows_in(rows: torch.Tensor, n_bytes: int) -> int:
+    row_bytes = rows[:1].numel() * rows.element_size()
+    return max(1, n_bytes // max(1, row_bytes))
 
 
 def _adam_on_rows(
     gradient: LatentRows,
     weight_and_moments: list[torch.Tensor],
-    latent_steps: torch.Tensor,  # [n], already advanced
+    last_updates: torch.Tensor,  # [n]: the step of each row's previous update
     group: dict[str, Any],
+    clock: Clock,
     after_block: RowUpdateHook | None = None,
 ) -> None:
     latents, grad = gradient
     beta1, beta2 = group["betas"]
-    shape = (-1,) + (1,) * (grad.dim() - 1)
+    decay1, decay2, owed = _waiting(last_updates, group, clock, grad.dim())
+    device = grad.device
     block = AdamRows(
         latents,
         grad,
-        (group["lr"] / (1 - beta1**latent_steps)).view(shape),
-        (1 - beta2**latent_steps).sqrt_().view(shape),
+        decay1,
+        decay2,
+        owed,
+        torch.tensor(float(group["lr"]) / (1 - beta1**clock.step), device=device),
+        torch.tensor(math.sqrt(1 - beta2**clock.step), device=device),
         beta1,
         beta2,
         group["eps"],
@@ -310,13 +451,31 @@ class AdamRows(NamedTuple):
     """[n]"""
     grad: torch.Tensor
     """[n, ...]"""
+    decay1: torch.Tensor
+    """beta1 ^ steps since each row's previous update. [n, 1...]"""
+    decay2: torch.Tensor
+    """beta2 ^ the same. [n, 1...]"""
+    owed: torch.Tensor
+    """Each row's coasting moves per unit of m / sqrt(v) (`Coasting`). [n, 1...]"""
     step_size: torch.Tensor
-    """lr / bias correction 1, per row. [n, 1...]"""
+    """lr / bias correction 1 of the global step. []"""
     bias_correction2_sqrt: torch.Tensor
-    """[n, 1...]"""
+    """[]"""
     beta1: float
     beta2: float
     eps: float
+
+
+def _waiting(
+    last_updates: torch.Tensor, group: dict[str, Any], clock: Clock, dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row, from the step of its previous update: beta1 and beta2 to the steps
+    since (decay1, decay2) and what it owes (`Coasting`). Each [n, 1...]"""
+    beta1, beta2 = group["betas"]
+    shape = (-1,) + (1,) * (dim - 1)
+    waited = (clock.step - last_updates).view(shape)
+    owed = clock.owed.index_select(0, last_updates.long()).view(shape)
+    return torch.pow(beta1, waited), torch.pow(beta2, waited), owed
 
 
 def _adam_rows_eager(
@@ -325,15 +484,18 @@ def _adam_rows_eager(
     block: AdamRows,
 ) -> torch.Tensor:
     """Adam's moments on the block's rows, op by op, and what to add to their
-    weights. [n, ...]"""
+    weights: the moves they owe and this step's. [n, ...]"""
     latents, grad = block.latents, block.grad
-    moment1 = exp_avg.index_select(0, latents).lerp_(grad, 1 - block.beta1)
-    moment2 = exp_avg_sq.index_select(0, latents).mul_(block.beta2)
-    moment2.addcmul_(grad, grad, value=1 - block.beta2)
+    moment1 = exp_avg.index_select(0, latents)
+    moment2 = exp_avg_sq.index_select(0, latents)
+    coasted = moment1 / moment2.sqrt().add_(block.eps)
+    coasted.mul_(block.owed)
+    moment1.mul_(block.decay1).add_(grad, alpha=1 - block.beta1)
+    moment2.mul_(block.decay2).addcmul_(grad, grad, value=1 - block.beta2)
     exp_avg.index_copy_(0, latents, moment1)
     exp_avg_sq.index_copy_(0, latents, moment2)
     denom = moment2.sqrt_().div_(block.bias_correction2_sqrt).add_(block.eps)
-    return moment1.div_(denom).mul_(block.step_size).neg_()
+    return moment1.div_(denom).mul_(block.step_size).add_(coasted).neg_()
 
 
 def _adam_rows_fused(
@@ -344,12 +506,14 @@ def _adam_rows_fused(
     """`_adam_rows_eager` written for the compiler, which makes it one kernel that
     reads and writes each moment row once."""
     latents, grad = block.latents, block.grad
-    moment1 = torch.lerp(exp_avg[latents], grad, 1 - block.beta1)
-    moment2 = exp_avg_sq[latents] * block.beta2 + (1 - block.beta2) * grad * grad
+    previous1, previous2 = exp_avg[latents], exp_avg_sq[latents]
+    coasted = block.owed * previous1 / (previous2.sqrt() + block.eps)
+    moment1 = block.decay1 * previous1 + (1 - block.beta1) * grad
+    moment2 = block.decay2 * previous2 + (1 - block.beta2) * grad * grad
     exp_avg[latents] = moment1
     exp_avg_sq[latents] = moment2
     denom = moment2.sqrt() / block.bias_correction2_sqrt + block.eps
-    return -block.step_size * moment1 / denom
+    return -(block.step_size * moment1 / denom + coasted)
 
 
 class CompiledRows:
@@ -387,34 +551,53 @@ COMPILED_ROWS = CompiledRows()
 """The compiled row update that `fused=True` uses; eager is the reference."""
 
 
+def catch_up_rows(
+    weight_and_moments: list[torch.Tensor],
+    updated_at: torch.Tensor,
+    group: dict[str, Any],
+    clock: Clock,
+) -> None:
+    """Every latent last updated before `clock.step` makes the moves it owes and
+    decays its moments to that step, as dense Adam with zero gradients would."""
+    weight, exp_avg, exp_avg_sq = weight_and_moments
+    waiting = (updated_at < clock.step).nonzero().squeeze(1)
+    block = _rows_in(weight, CATCH_UP_BYTES)
+    for start in range(0, waiting.shape[0], block):
+        latents = waiting[start : start + block]
+        last_updates = updated_at.index_select(0, latents)
+        decay1, decay2, owed = _waiting(last_updates, group, clock, weight.dim())
+        moment1 = exp_avg.index_select(0, latents)
+        moment2 = exp_avg_sq.index_select(0, latents)
+        coasted = moment1 / moment2.sqrt().add_(group["eps"])
+        weight.index_add_(0, latents, coasted.mul_(owed).neg_())
+        exp_avg.index_copy_(0, latents, moment1.mul_(decay1))
+        exp_avg_sq.index_copy_(0, latents, moment2.mul_(decay2))
+    updated_at.fill_(float(clock.step))
+
+
 def _dense_adam_rows(
     gradient: LatentRows,
     weight_and_moments: list[torch.Tensor],
-    steps: torch.Tensor,
+    updated_at: torch.Tensor,
     group: dict[str, Any],
+    clock: Clock,
 ) -> None:
-    """Adam over every row, untouched ones with a zero gradient (their moments decay
-    and they move by their momentum, as with dense Adam); every latent's step
-    advances. PyTorch's (fused) Adam when all latents share one step count."""
+    """Adam over every row, untouched ones with a zero gradient. PyTorch's (fused)
+    Adam when every latent was updated at the step before; otherwise the row update
+    over all of them, so the waiting ones also make the moves they owe."""
     latents, rows = gradient
     weight, exp_avg, exp_avg_sq = weight_and_moments
     grad = rows.new_zeros(weight.shape).index_copy_(0, latents, rows)
-    if bool(steps.min() == steps.max()):
-        fused = group["fused"]
-        step = steps[0].clone() if fused else torch.tensor(float(steps[0]))
+    if bool((updated_at == clock.step - 1).all()):
+        device = weight.device if group["fused"] else None
+        step = torch.tensor(float(clock.step - 1), device=device)
         _adam([weight], [grad], [exp_avg], [exp_avg_sq], [step], group)
-        steps.add_(1)
+        updated_at.fill_(float(clock.step))
         return
-    steps.add_(1)
-    beta1, beta2 = group["betas"]
-    shape = (-1,) + (1,) * (grad.dim() - 1)
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    step_size = group["lr"] / (1 - beta1**steps)
-    bias_correction2_sqrt = (1 - beta2**steps).sqrt_()
-    denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt.view(shape))
-    denom.add_(group["eps"])
-    weight.addcdiv_(exp_avg * step_size.view(shape), denom, value=-1)
+    every = torch.arange(weight.shape[0], device=weight.device)
+    lazy_adam_rows(
+        LatentRows(every, grad), weight_and_moments, updated_at, group, clock
+    )
 
 
 def _adam(

@@ -31,6 +31,7 @@ from saelens_moe.distributed import (
     join_process_group,
 )
 from saelens_moe.hub import push_to_hub
+from saelens_moe.lazy_adam import check_betas
 from saelens_moe.trainer import MoESAETrainingRunner
 
 HELP_FLAGS = ("-h", "--help")
@@ -141,6 +142,8 @@ def parse_args(
         raise ValueError(
             f"--lazy_adam needs --architecture scale or switch, got {architecture!r}"
         )
+    if added.lazy_adam:
+        check_betas((cfg.adam_beta1, cfg.adam_beta2))
     return cfg, added
 
 

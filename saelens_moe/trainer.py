@@ -28,7 +28,7 @@ from torch.optim import Adam, Optimizer
 from transformer_lens.hook_points import HookedRootModule
 from typing_extensions import override
 
-from saelens_moe.lazy_adam import LazyAdam
+from saelens_moe.lazy_adam import LazyAdam, check_betas
 from saelens_moe.saes.scale_sae import ScaleTrainingSAE
 
 MAX_GRAD_NORM = 1.0  # SAELens's trainer clips at 1.0 too
@@ -82,11 +82,13 @@ class MoESAETrainer(SAETrainer[Any, Any]):
         super().save_checkpoint(checkpoint_name, base_path, wandb_aliases)
 
     def continue_as_resumed(self) -> None:
-        """Drop what a checkpoint does not hold: lazy Adam's kept block sums and
-        decoder norms (`saes.summaries`), recomputed at the next step from the
-        weights, as a resumed run recomputes them, so both end with the same
-        weights."""
+        """Lazy Adam: its waiting latents make the moves they owe, so the saved
+        weights are dense Adam's (`LazyAdam.catch_up`), and what a checkpoint does
+        not hold is dropped: the kept block sums and decoder norms
+        (`saes.summaries`), recomputed at the next step from the weights, as a
+        resumed run recomputes them, so both end with the same weights."""
         if isinstance(self.optimizer, LazyAdam):
+            self.optimizer.catch_up()
             self.optimizer.gradients.summaries.forget()
 
     @override
@@ -113,11 +115,17 @@ class MoESAETrainer(SAETrainer[Any, Any]):
         self._average_gradients()
         self._clip_gradients()
         self.optimizer.step()
+        if isinstance(self.optimizer, LazyAdam) and self._finished():
+            self.optimizer.catch_up()  # the trained weights are dense Adam's
         self.optimizer.zero_grad()
         self.lr_scheduler.step()
         for scheduler in self.coefficient_schedulers.values():
             scheduler.step()
         return output
+
+    def _finished(self) -> bool:
+        """Whether this is `fit()`'s last step (`step()` counted its samples)."""
+        return self.n_training_samples >= self.cfg.total_training_samples
 
     @torch.no_grad()
     def _count_firing(self, feature_acts: torch.Tensor) -> None:
@@ -167,6 +175,8 @@ class MoESAETrainingRunner(LanguageModelSAETrainingRunner):
         override_model: HookedRootModule | None = None,
         override_sae: TrainingSAE[Any] | None = None,
     ) -> None:
+        if lazy_adam:  # before SAELens's runner loads the model
+            check_betas((cfg.adam_beta1, cfg.adam_beta2))
         super().__init__(
             cfg,
             override_dataset=override_dataset,

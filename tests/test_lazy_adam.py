@@ -116,31 +116,30 @@ def test_LazyAdam_with_feature_scaling_drops_only_the_mean_column_gradient(
     assert_same_weights(sae, reference, atol=1e-5)
 
 
-def reference_lazy_adam(
+EPS = 1e-12
+"""Adam's eps in the comparisons with dense Adam: what a waiting latent owes
+neglects eps beside sqrt(v), and some gradient entries here are 6e-6, whose moves
+in the first steps (when dense Adam's eps weighs 1 / sqrt(1 - beta2^s) less) would
+come out 5% short with eps 1e-8."""
+
+
+def dense_adam_reference(
     weights: dict[str, torch.Tensor],  # by latent: [d_sae, ...] each
     grads: list[dict[int, dict[str, torch.Tensor]]],  # per step: latent -> rows
     lr: float,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
+    eps: float = EPS,
 ) -> dict[str, torch.Tensor]:
-    """Lazy Adam written out latent by latent, in float64."""
-    beta1, beta2 = betas
-    out = {name: w.double().clone() for name, w in weights.items()}
-    m = {name: torch.zeros_like(w) for name, w in out.items()}
-    v = {name: torch.zeros_like(w) for name, w in out.items()}
-    steps: dict[int, int] = {}
+    """PyTorch's Adam in float64 on the same gradient rows, zero for every latent
+    a step did not touch: what lazy Adam must end at once caught up."""
+    out = {name: torch.nn.Parameter(w.double().clone()) for name, w in weights.items()}
+    adam = torch.optim.Adam(out.values(), lr=lr, eps=eps)
     for step_grads in grads:
-        for latent, rows in step_grads.items():
-            steps[latent] = steps.get(latent, 0) + 1
-            t = steps[latent]
-            for name, row in rows.items():
-                g = row.double()
-                m[name][latent] = beta1 * m[name][latent] + (1 - beta1) * g
-                v[name][latent] = beta2 * v[name][latent] + (1 - beta2) * g * g
-                m_hat = m[name][latent] / (1 - beta1**t)
-                v_hat = v[name][latent] / (1 - beta2**t)
-                out[name][latent] -= lr * m_hat / (v_hat.sqrt() + eps)
-    return out
+        for name, weight in out.items():
+            weight.grad = torch.zeros_like(weight)
+            for latent, rows in step_grads.items():
+                weight.grad[latent] = rows[name].double()
+        adam.step()
+    return {name: weight.detach() for name, weight in out.items()}
 
 
 def recorded_step(
@@ -152,46 +151,50 @@ def recorded_step(
     }
 
 
-def every_latent(
-    step: dict[int, dict[str, torch.Tensor]], n_latents: int
-) -> dict[int, dict[str, torch.Tensor]]:
-    """A dense step: every latent updated, untouched ones with zero gradients."""
-    zeros = {
-        name: torch.zeros_like(row) for name, row in next(iter(step.values())).items()
-    }
-    return {latent: step.get(latent, zeros) for latent in range(n_latents)}
-
-
 @pytest.mark.parametrize(
-    ("dense_from", "block_bytes", "fused"),
+    ("dense_from", "block_bytes", "fused", "catch_up_at"),
     [
-        (1.1, 2**20, None),
-        (1.1, 3 * 4 * D_IN, None),
-        (1.1, 3 * 4 * D_IN, True),
-        (0.0, 2**20, None),
+        (1.1, 2**20, None, None),
+        (1.1, 3 * 4 * D_IN, None, None),
+        (1.1, 3 * 4 * D_IN, True, None),
+        (1.1, 2**20, None, 2),
+        (0.0, 2**20, None, None),
     ],
-    ids=["lazy", "lazy_in_blocks_of_3_rows", "compiled_in_blocks_of_3", "dense"],
+    ids=[
+        "lazy",
+        "lazy_in_blocks_of_3_rows",
+        "compiled_in_blocks_of_3",
+        "caught_up_midway",
+        "dense",
+    ],
 )
-def test_LazyAdam_matches_a_latent_by_latent_reference_on_partial_touches(
+def test_LazyAdam_caught_up_equals_dense_Adam_on_partial_touches(
     dense_from: float,
     block_bytes: int,
     fused: bool | None,
+    catch_up_at: int | None,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Six steps of 3 tokens (at most 12 of 64 latents each); then every latent
+    pays what it owes and the weights are dense Adam's on the same gradients."""
     monkeypatch.setattr(lazy_adam, "DENSE_STEP_FRACTION", dense_from)
     monkeypatch.setattr(lazy_adam, "BLOCK_BYTES", block_bytes)
     if fused:  # the compiled update must run, not fall back to the eager one
         monkeypatch.setattr(lazy_adam, "_adam_rows_eager", None)
     sae = make_sae(feature_scaling=False)
     names = ("W_enc", "W_dec", "b_enc")
-    start = {
-        name: by_latent(getattr(sae, name), int(name == "W_enc")).detach().clone()
-        for name in names
-    }
-    optimizer = LazyAdam(sae, lr=0.05, fused=fused)
+
+    def by_latents() -> dict[str, torch.Tensor]:
+        return {
+            name: by_latent(getattr(sae, name), int(name == "W_enc")).detach().clone()
+            for name in names
+        }
+
+    start = by_latents()
+    optimizer = LazyAdam(sae, lr=0.05, eps=EPS, fused=fused)
     recorded: list[dict[int, dict[str, torch.Tensor]]] = []
-    for step in range(4):
-        x = torch.randn(3, D_IN)  # 3 tokens * k 4: at most 12 of 64 latents
+    for step in range(6):
+        x = torch.randn(3, D_IN)
         loss = sae.training_forward_pass(
             TrainStepInput(
                 sae_in=x,
@@ -207,19 +210,50 @@ def test_LazyAdam_matches_a_latent_by_latent_reference_on_partial_touches(
         recorded.append(recorded_step(touched, names))
         optimizer.step()
         optimizer.zero_grad()
-    lazy = dense_from > 1
-    if not lazy:
-        recorded = [every_latent(step, sae.cfg.d_sae) for step in recorded]
-    expected = reference_lazy_adam(start, recorded, lr=0.05)
+        if step == catch_up_at:
+            optimizer.catch_up()
+    before = by_latents()
+    optimizer.catch_up()
+    after = by_latents()
+    expected = dense_adam_reference(start, recorded, lr=0.05)
     ever_touched = set().union(*recorded)
+    never = [j for j in range(sae.cfg.d_sae) if j not in ever_touched]
+    waiting = [j for j in ever_touched if j not in recorded[-1]]
+    assert never and waiting
     for name in names:
-        actual = by_latent(getattr(sae, name), int(name == "W_enc")).detach()
         torch.testing.assert_close(
-            actual.double(), expected[name], atol=1e-6, rtol=1e-5
+            after[name].double(), expected[name], atol=1e-6, rtol=1e-5
         )
-        untouched = [j for j in range(sae.cfg.d_sae) if j not in ever_touched]
-        assert bool(untouched) == lazy
-        assert torch.equal(actual[untouched], start[name][untouched])
+        assert torch.equal(after[name][never], start[name][never])
+        assert torch.equal(
+            after[name][list(recorded[-1])], before[name][list(recorded[-1])]
+        )
+        moved = (after[name][waiting] - before[name][waiting]).abs().amax()
+        assert bool(moved > 0) == (dense_from > 1)  # dense steps owe nothing
+
+
+def take_steps(
+    gradients: list[LatentRows],
+    weight: torch.Tensor,
+    fused: bool | None = None,
+    lr: float = 0.1,
+) -> torch.Tensor:
+    """`lazy_adam_rows` on a weight by latent, one step per gradient (dense where it
+    touches 90% of the rows), every latent caught up at the end."""
+    weight_and_moments = [weight, torch.zeros_like(weight), torch.zeros_like(weight)]
+    updated_at = torch.zeros(weight.shape[0])
+    group = {"lr": lr, "betas": (0.9, 0.999), "eps": EPS, "fused": fused}
+    coasting, state = lazy_adam.Coasting(group["betas"]), {}
+    for gradient in gradients:
+        dense = gradient.latents.numel() >= 0.9 * weight.shape[0]
+        clock = coasting.begin_step(state, weight.device)
+        lazy_adam.lazy_adam_rows(
+            gradient, weight_and_moments, updated_at, group, clock, dense
+        )
+        coasting.end_step(state, lr)
+    clock = coasting.now(state, weight.device)
+    lazy_adam.catch_up_rows(weight_and_moments, updated_at, group, clock)
+    return weight
 
 
 def test_the_row_update_falls_back_to_eager_once_when_it_cannot_compile(
@@ -237,43 +271,51 @@ def test_the_row_update_falls_back_to_eager_once_when_it_cannot_compile(
     monkeypatch.setattr(lazy_adam, "COMPILED_ROWS", rows)
     gradient = LatentRows(torch.tensor([2, 7]), torch.randn(2, 4))
     start = torch.randn(10, 4)
-
-    def two_steps(fused: bool | None) -> torch.Tensor:
-        weight_and_moments = [start.clone(), torch.zeros(10, 4), torch.zeros(10, 4)]
-        steps = torch.zeros(10)
-        group = {"lr": 0.1, "betas": (0.9, 0.999), "eps": 1e-8, "fused": fused}
-        for _ in range(2):
-            lazy_adam.lazy_adam_rows(gradient, weight_and_moments, steps, group)
-        return weight_and_moments[0]
-
     with pytest.warns(UserWarning, match="C\\+\\+ compiler.*op by op"):
-        fallen_back = two_steps(fused=True)
+        fallen_back = take_steps([gradient, gradient], start.clone(), fused=True)
     assert attempts == [1]  # not tried again
     assert not torch.equal(fallen_back, start)
-    torch.testing.assert_close(fallen_back, two_steps(fused=None))
+    torch.testing.assert_close(fallen_back, take_steps([gradient] * 2, start.clone()))
 
 
-def test_a_dense_step_after_lazy_ones_keeps_each_latents_own_step_count() -> None:
+def test_a_dense_step_after_lazy_ones_pays_what_the_waiting_latents_owe() -> None:
     n_latents, d = 20, 4
     start = torch.randn(n_latents, d)
-    weight = start.clone()
-    exp_avg, exp_avg_sq = torch.zeros(n_latents, d), torch.zeros(n_latents, d)
-    steps = torch.zeros(n_latents)
-    group = {"lr": 0.1, "betas": (0.9, 0.999), "eps": 1e-8, "fused": None}
     lazy_step = LatentRows(torch.tensor([1, 5]), torch.randn(2, d))
     all_but_7 = torch.tensor([j for j in range(n_latents) if j != 7])  # 95%: dense
     dense_step = LatentRows(all_but_7, torch.randn(n_latents - 1, d))
-    history = []
-    for gradient in (lazy_step, dense_step):
-        dense = gradient.latents.numel() >= 0.9 * n_latents
-        moments = [weight, exp_avg, exp_avg_sq]
-        lazy_adam.lazy_adam_rows(gradient, moments, steps, group, dense)
-        rows = dict(zip(gradient.latents.tolist(), gradient.rows, strict=True))
-        history.append({j: {"w": row} for j, row in rows.items()})
-    history[1] = every_latent(history[1], n_latents)
-    expected = reference_lazy_adam({"w": start}, history, lr=0.1)
-    assert steps.tolist() == [1 + (j in (1, 5)) for j in range(n_latents)]
+    steps = [lazy_step, lazy_step, dense_step, lazy_step]
+    weight = take_steps(steps, start.clone())
+    history = [
+        {j: {"w": row} for j, row in zip(g.latents.tolist(), g.rows, strict=True)}
+        for g in steps
+    ]
+    expected = dense_adam_reference({"w": start}, history, lr=0.1)
     torch.testing.assert_close(weight.double(), expected["w"], atol=1e-6, rtol=1e-5)
+
+
+def test_what_a_waiting_latent_owes_is_dense_Adams_momentum_moves() -> None:
+    """owed[t0] against the sum written out, with the lr changing every step."""
+    betas = (0.9, 0.999)
+    coasting, state = lazy_adam.Coasting(betas), {}
+    lrs = [0.1 / (1 + s) for s in range(1, 41)]
+    for lr in lrs:
+        coasting.begin_step(state, torch.device("cpu"))
+        coasting.end_step(state, lr)
+    owed = coasting.now(state, torch.device("cpu")).owed
+    ratio = betas[0] / betas[1] ** 0.5
+
+    def c(s: int) -> float:
+        return lrs[s - 1] * (1 - betas[1] ** s) ** 0.5 / (1 - betas[0] ** s)
+
+    for t0 in (0, 1, 17, 39, 40):
+        expected = sum(c(s) * ratio ** (s - t0) for s in range(t0 + 1, 41))
+        assert float(owed[t0]) == pytest.approx(expected, rel=1e-6, abs=1e-12)
+
+
+def test_lazy_adam_refuses_momentum_that_outlasts_the_second_moment() -> None:
+    with pytest.raises(ValueError, match=r"adam_beta1 < sqrt\(adam_beta2\).*0.99"):
+        LazyAdam(make_sae(), lr=0.01, betas=(0.99, 0.9))
 
 
 def test_LazyAdam_takes_dense_gradients_from_paths_that_do_not_collect_rows(
@@ -327,3 +369,28 @@ def test_lazy_adam_trains_a_compiled_forward_pass_as_an_eager_one() -> None:
     assert isinstance(optimizer, LazyAdam) and optimizer.last_touched_share is not None
     assert optimizer.last_touched_share < 0.5
     assert_same_weights(sae, eager, atol=1e-6)
+
+
+def test_fit_ends_with_every_latent_caught_up() -> None:
+    """Five steps of 3 fresh tokens: latents touched earlier wait at the last step,
+    and `fit()` returns with every latent's debt paid."""
+    sae = make_sae()
+    batch = torch.randn(3, D_IN)
+    cfg = trainer_config(batch)
+    cfg.total_training_samples = 5 * batch.shape[0]
+
+    def fresh_batches() -> Iterator[torch.Tensor]:
+        while True:
+            yield torch.randn(3, D_IN)
+
+    trainer = MoESAETrainer(
+        lazy_adam=True, cfg=cfg, sae=sae, data_provider=fresh_batches()
+    )
+    trainer.fit()
+    optimizer = trainer.optimizer
+    assert isinstance(optimizer, LazyAdam) and optimizer.last_touched_share is not None
+    assert optimizer.coasting.now(optimizer.state, sae.device).step == 5
+    ever_updated = optimizer.state[sae.W_dec]["exp_avg_sq"].ne(0).any(dim=-1).sum()
+    assert ever_updated > optimizer.last_touched_share * sae.cfg.d_sae  # some waited
+    for parameter in optimizer.latent_params:
+        assert torch.all(optimizer.state[parameter]["step"] == 5)

@@ -76,6 +76,14 @@ def test_parse_args_refuses_lazy_adam_for_other_architectures() -> None:
         parse_args(["--architecture", "topk", "--lazy_adam"])
 
 
+def test_parse_args_refuses_lazy_adam_with_lasting_momentum() -> None:
+    betas = ["--adam_beta1", "0.999", "--adam_beta2", "0.99"]
+    with pytest.raises(ValueError, match=r"adam_beta1 < sqrt\(adam_beta2\)"):
+        parse_args(["--architecture", "scale", "--lazy_adam", *betas])
+    _, dense = parse_args(["--architecture", "scale", *betas])  # dense Adam takes them
+    assert not dense.lazy_adam
+
+
 def test_split_args_leaves_saelens_flags_alone() -> None:
     publish, rest = split_args(
         ["--push", "org/r", "--sae", "scale", "--push_sae_id", "x", "--push_private"]
