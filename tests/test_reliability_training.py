@@ -156,6 +156,15 @@ def run_to_end(
     return training
 
 
+def test_lazy_adam_runner_refuses_lasting_momentum_before_loading_anything(
+    tmp_path: Path,
+) -> None:
+    """No model or dataset is given: SAELens would fetch them from the Hub."""
+    cfg = runner_config(tmp_path, adam_beta1=0.999, adam_beta2=0.99)
+    with pytest.raises(ValueError, match=r"adam_beta1=0.999, adam_beta2=0.99"):
+        MoESAETrainingRunner(cfg, lazy_adam=True)
+
+
 @pytest.mark.parametrize("runner", list(RUNNERS))
 def test_resumed_run_ends_with_exactly_the_uninterrupted_weights(
     runner: str, tmp_path: Path
