@@ -154,10 +154,10 @@ class LazyAdam(Optimizer):
     @torch.no_grad()
     def catch_up(self) -> None:
         """Every waiting latent makes the moves it owes: the expert weights and
-        moments become dense Adam's at this step."""
+        moments become dense Adam's at this step. The kept block sums and decoder
+        norms (`saes.summaries`) are dropped, to be recomputed from the weights."""
         group = self.param_groups[0]
         clock = self.coasting.now(self.state, self.latent_params[0].device)
-        caught_up = False
         for parameter, axis in zip(self.latent_params, LATENT_AXES, strict=True):
             state = self.state[parameter]
             if state:
@@ -165,9 +165,7 @@ class LazyAdam(Optimizer):
                     by_latent(t, axis) for t in (parameter, *_moments(state))
                 ]
                 catch_up_rows(weight_and_moments, state["step"], group, clock)
-                caught_up = True
-        if caught_up:
-            self.gradients.summaries.forget()
+        self.gradients.summaries.forget()
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -307,7 +305,7 @@ class Coasting:
 
     def now(self, state: dict[Any, Any], device: torch.device) -> Clock:
         """The last step taken, and what is owed at its end."""
-        entry = state.setdefault(self.KEY, {"step": 0, "owed": torch.zeros(1)})
+        entry = self._entry(state)
         owed = entry["owed"].to(device)
         if owed.numel() <= entry["step"] + 1:  # room for this step and the next
             grown = owed.new_zeros(max(2 * owed.numel(), entry["step"] + 2))
@@ -318,9 +316,11 @@ class Coasting:
 
     def begin_step(self, state: dict[Any, Any], device: torch.device) -> Clock:
         """Advance the global step."""
-        self.now(state, device)
-        state[self.KEY]["step"] += 1
+        self._entry(state)["step"] += 1
         return self.now(state, device)
+
+    def _entry(self, state: dict[Any, Any]) -> dict[str, Any]:
+        return state.setdefault(self.KEY, {"step": 0, "owed": torch.zeros(1)})
 
     def end_step(self, state: dict[Any, Any], lr: float) -> None:
         """Owe this step's coasting to the latents it did not touch."""

@@ -83,13 +83,12 @@ class MoESAETrainer(SAETrainer[Any, Any]):
 
     def continue_as_resumed(self) -> None:
         """Lazy Adam: its waiting latents make the moves they owe, so the saved
-        weights are dense Adam's (`LazyAdam.catch_up`), and what a checkpoint does
-        not hold is dropped: the kept block sums and decoder norms
-        (`saes.summaries`), recomputed at the next step from the weights, as a
-        resumed run recomputes them, so both end with the same weights."""
+        weights are dense Adam's, and it drops what a checkpoint does not hold, the
+        kept block sums and decoder norms (`LazyAdam.catch_up`): recomputed at the
+        next step from the weights, as a resumed run recomputes them, so both end
+        with the same weights."""
         if isinstance(self.optimizer, LazyAdam):
             self.optimizer.catch_up()
-            self.optimizer.gradients.summaries.forget()
 
     @override
     def _train_step(
